@@ -1,0 +1,1 @@
+"""Prefect flows and tasks over nucleiflow.pipeline, and the `nucleiflow` CLI."""

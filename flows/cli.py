@@ -1,0 +1,164 @@
+"""The `nucleiflow` command line: a thin layer over the flows and the pipeline.
+
+Expected failures (bad slide, bad config, missing model) print one line on stderr naming
+the file and the fix, and exit with status 2; no traceback.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import NoReturn, Optional
+
+import typer
+
+from nucleiflow.pipeline.config import DEFAULT_HALO, DEFAULT_MPP, DEFAULT_TILE, TISSUE_MPP
+
+# Offline machines: no telemetry (its background writes also contend for Prefect's SQLite).
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+app = typer.Typer(
+    help="Whole-slide H&E nuclei segmentation: inspect, segment, train, evaluate.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """One line on stderr, then exit: the contract for expected errors."""
+    typer.echo(f"nucleiflow: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def inspect(
+    slide: Path = typer.Argument(..., help="A slide file OpenSlide can read (.svs, .tif, .ndpi, ...)."),
+    as_json: bool = typer.Option(False, "--json", help="Print exactly one JSON object."),
+    mpp: Optional[float] = typer.Option(
+        None, "--mpp", help="Level-0 microns per pixel, for slides whose metadata lacks it."
+    ),
+    overlay: Optional[Path] = typer.Option(
+        None, "--overlay", help="Write a PNG thumbnail with the tissue mask and tile cores."
+    ),
+    model_mpp: float = typer.Option(DEFAULT_MPP, help="um/px the tiles are planned at."),
+    tile_size: int = typer.Option(DEFAULT_TILE, help="Tile core edge in model pixels."),
+    halo: int = typer.Option(DEFAULT_HALO, help="Context pixels around each core."),
+) -> None:
+    """Slide facts, tissue fraction and the planned tile count.
+
+    Keys: width, height, level_count, mpp_x, mpp_y, vendor, objective_power, fingerprint,
+    tissue_fraction, tile_count (plus level_dimensions, level_downsamples, mpp_source, path).
+    """
+    from nucleiflow.pipeline.slides import SlideError, open_slide
+    from nucleiflow.pipeline.tiling import plan_tiles
+    from nucleiflow.pipeline.tissue import detect_tissue, overlay_png
+
+    try:
+        with open_slide(slide, mpp=mpp) as reader:
+            info = reader.info
+            tissue = detect_tissue(reader, mpp=TISSUE_MPP)
+            plan = plan_tiles(
+                info.width, info.height, info.mpp_x, model_mpp, tile_size=tile_size, halo=halo,
+                tissue=tissue.mask, tissue_mpp=tissue.mpp,
+            )
+            if overlay is not None:
+                overlay_png(reader, tissue, plan, overlay)
+    except SlideError as e:
+        fail(str(e))
+    except ValueError as e:  # bad tile geometry options
+        fail(f"{slide}: {e}")
+    facts = info.to_dict()
+    facts.update(tissue_fraction=round(tissue.fraction, 4), tile_count=len(plan))
+    if as_json:
+        typer.echo(json.dumps(facts))
+        return
+    width = max(len(k) for k in facts)
+    for k, v in facts.items():
+        typer.echo(f"{k:<{width}}  {v}")
+    if overlay is not None:
+        typer.echo(f"overlay written to {overlay}")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="Training YAML (see configs/)."),
+) -> None:
+    """Train, evaluate on held-out data, write the checkpoint + card, compare with the old one.
+
+    Re-running the same config after an interruption resumes from the last finished epoch.
+    """
+    from nucleiflow.flows.train import read_config, train_model
+
+    try:
+        read_config(config)  # fail fast, before Prefect starts
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    train_model(str(config))
+
+
+@app.command()
+def evaluate(
+    model: str = typer.Option("student", "--model", help="Registered checkpoint name or a checkpoint folder."),
+    data: Path = typer.Option(..., "--data", help="Data set folder: images/, labels/, splits.csv (with mpp)."),
+    split: str = typer.Option("test", "--split", help="Which split of splits.csv to score."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object: per_image and mean."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    tile_size: int = typer.Option(512, help="Tile core edge in model pixels."),
+    halo: int = typer.Option(DEFAULT_HALO, help="Context pixels around each core."),
+) -> None:
+    """Per-image and mean Dice, IoU, AJI, PQ, DQ, SQ, F1 through the slide segmentation path."""
+    from nucleiflow.models.checkpoint import load_checkpoint
+    from nucleiflow.pipeline.evaluation import METRICS, evaluate as run_evaluate
+    from nucleiflow.pipeline.inference import Predictor
+
+    try:
+        net, card = load_checkpoint(model)
+    except (KeyError, FileNotFoundError) as e:
+        fail(str(e).strip("'\""))
+    if not (data / "splits.csv").is_file():
+        fail(f"{data}: no splits.csv; expected images/, labels/ and splits.csv with an mpp column")
+    predictor = Predictor(net, card, device=device)
+    progress = None if as_json else (lambda name, row: typer.echo(
+        f"{name:<28} " + " ".join(f"{row[k]:.4f}" for k in METRICS), err=False))
+    if not as_json:
+        typer.echo(f"{'image':<28} " + " ".join(f"{k:>6}" for k in METRICS))
+    try:
+        res = run_evaluate(predictor, data, split=split, tile_size=tile_size, halo=halo, progress=progress)
+    except ValueError as e:
+        fail(str(e))
+    res["model"] = model
+    if as_json:
+        typer.echo(json.dumps(res))
+    else:
+        typer.echo(f"{'mean':<28} " + " ".join(f"{res['mean'][k]:.4f}" for k in METRICS))
+
+
+@app.command()
+def models(as_json: bool = typer.Option(False, "--json", help="Print the cards' summaries as JSON.")) -> None:
+    """The bundled checkpoints: name, architecture, parameters, training data, held-out metrics."""
+    from nucleiflow.models.checkpoint import list_checkpoints
+
+    rows = []
+    for card in list_checkpoints():
+        m = (card.get("metrics") or {}).get("mean", {})
+        rows.append({
+            "name": card.get("name"), "arch": card.get("arch"), "mpp": card.get("mpp"),
+            "parameters": card.get("parameters"),
+            "trained_on": (card.get("data") or {}).get("root"),
+            "held_out": (card.get("metrics") or {}).get("split"),
+            **{k: m.get(k) for k in ("dice", "aji", "pq", "f1")},
+        })
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    typer.echo(f"{'name':<12} {'arch':<10} {'params':>9} {'mpp':>5} {'held-out':<10} {'dice':>6} {'aji':>6} {'pq':>6}")
+    for r in rows:
+        f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        typer.echo(f"{r['name']:<12} {r['arch']:<10} {r['parameters'] or 0:>9} {r['mpp']:>5} "
+                   f"{r['held_out'] or '-':<10} {f(r['dice']):>6} {f(r['aji']):>6} {f(r['pq']):>6}")

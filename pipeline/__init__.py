@@ -1,0 +1,1 @@
+"""Library code: slides, tissue, tiling, inference, post-processing, writers. No Prefect imports."""

@@ -1,0 +1,194 @@
+"""Tile geometry: which regions of a slide the model sees, and which tile owns each pixel.
+
+All boxes are in *model pixels*: the pixel grid of the slide resampled to the model's mpp,
+with (0, 0) at the slide's level-0 origin. ``TilePlan.scale`` converts to level-0 pixels.
+
+Each tile has a **core**, the region it owns (a cell of a fixed grid of ``tile_size`` px,
+so cores line up with Zarr chunks), and a **read** box, the core grown by ``halo`` px on
+every side for context. Cores of planned tiles never overlap, and every point of a planned
+core has exactly one owner (``TilePlan.owner``). A nucleus is kept by the tile whose core
+holds its centroid, so it is produced exactly once and whole, provided ``halo`` is at least
+the largest nucleus radius plus the model's context needs.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True, order=True)
+class Box:
+    """Half-open integer box ``[x0, x1) x [y0, y1)`` in model pixels."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+
+    @property
+    def width(self) -> int:
+        return self.x1 - self.x0
+
+    @property
+    def height(self) -> int:
+        return self.y1 - self.y0
+
+    @property
+    def area(self) -> int:
+        return max(self.width, 0) * max(self.height, 0)
+
+    def contains(self, x: float, y: float) -> bool:
+        return self.x0 <= x < self.x1 and self.y0 <= y < self.y1
+
+    def grow(self, px: int) -> Box:
+        return Box(self.x0 - px, self.y0 - px, self.x1 + px, self.y1 + px)
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One unit of work. ``core`` is owned; ``read`` = core + halo is what the model sees."""
+
+    index: int
+    row: int
+    col: int
+    core: Box
+    read: Box
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Tiles of one slide at the model's resolution.
+
+    Attributes:
+        width, height: slide size in model pixels (ceil of level-0 size / scale).
+        mpp: model resolution, um/px. ``scale`` = level-0 pixels per model pixel.
+        tile_size: core edge in model px (the chunk grid); ``halo``: context px per side.
+        origin: offset of the core grid in model px, in ``[0, tile_size)``; 0 aligns cores
+            with Zarr chunks. A non-zero origin exists to test seams with a shifted grid.
+        tiles: planned tiles (cores holding tissue), row-major.
+    """
+
+    width: int
+    height: int
+    mpp: float
+    scale: float
+    tile_size: int
+    halo: int
+    origin: tuple[int, int] = (0, 0)
+    tiles: tuple[Tile, ...] = ()
+    _by_cell: dict[tuple[int, int], Tile] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._by_cell.update({(t.row, t.col): t for t in self.tiles})
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def __iter__(self) -> Iterator[Tile]:
+        return iter(self.tiles)
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        """(rows, cols) of the full core grid, planned or not."""
+        return _n_cells(self.height, self.tile_size, self.origin[1]), _n_cells(
+            self.width, self.tile_size, self.origin[0]
+        )
+
+    def cell_of(self, x: float, y: float) -> tuple[int, int]:
+        """(row, col) of the grid cell holding model-pixel point (x, y)."""
+        ox, oy = self.origin
+        # Cells are shifted by one when the origin is non-zero: cell 0 is [0, origin).
+        col = math.floor((x - ox) / self.tile_size) + (1 if ox else 0)
+        row = math.floor((y - oy) / self.tile_size) + (1 if oy else 0)
+        return row, col
+
+    def cell_box(self, row: int, col: int) -> Box:
+        """Core box of grid cell (row, col), planned or not, clipped to the slide."""
+        ox, oy = self.origin
+        x0 = 0 if col == 0 else (ox + (col - 1) * self.tile_size if ox else col * self.tile_size)
+        y0 = 0 if row == 0 else (oy + (row - 1) * self.tile_size if oy else row * self.tile_size)
+        x1 = ox + col * self.tile_size if ox else (col + 1) * self.tile_size
+        y1 = oy + row * self.tile_size if oy else (row + 1) * self.tile_size
+        return Box(x0, y0, min(x1, self.width), min(y1, self.height))
+
+    def is_planned(self, row: int, col: int) -> bool:
+        return (row, col) in self._by_cell
+
+    def owner(self, x: float, y: float) -> Tile | None:
+        """The planned tile whose core holds model-pixel point (x, y), or None."""
+        if not (0 <= x < self.width and 0 <= y < self.height):
+            return None
+        return self._by_cell.get(self.cell_of(x, y))
+
+    def planned_area(self) -> int:
+        """Model pixels covered by planned cores."""
+        return sum(t.core.area for t in self.tiles)
+
+
+def _n_cells(length: int, size: int, origin: int) -> int:
+    return math.ceil((length - origin) / size) + (1 if origin else 0)
+
+
+def _edges(length: int, size: int, origin: int) -> list[int]:
+    """Grid lines along one axis, clipped to [0, length]: the cell edges of the cores."""
+    first = origin if origin else size
+    inner = list(range(first, length, size))
+    return [0, *inner, length]
+
+
+def _has_tissue(core: Box, tissue: np.ndarray, factor: float) -> bool:
+    """Does ``tissue`` (a mask whose pixel is ``factor`` model px wide) hit ``core``?"""
+    h, w = tissue.shape
+    y0 = min(max(int(math.floor(core.y0 / factor)), 0), h)
+    x0 = min(max(int(math.floor(core.x0 / factor)), 0), w)
+    y1 = min(max(int(math.ceil(core.y1 / factor)), 0), h)
+    x1 = min(max(int(math.ceil(core.x1 / factor)), 0), w)
+    return bool(tissue[y0:y1, x0:x1].any())
+
+
+def plan_tiles(
+    width0: int,
+    height0: int,
+    mpp0: float,
+    mpp: float,
+    tile_size: int = 1024,
+    halo: int = 64,
+    tissue: np.ndarray | None = None,
+    tissue_mpp: float | None = None,
+    origin: tuple[int, int] = (0, 0),
+) -> TilePlan:
+    """Plan tiles over a slide.
+
+    Args:
+        width0, height0: slide size in level-0 pixels; ``mpp0``: its level-0 um/px.
+        mpp: the model's um/px. tile_size: core edge in model px (> 0). halo: context per
+            side in model px (>= 0).
+        tissue: optional bool mask (h, w) at ``tissue_mpp`` um/px, aligned to the slide's
+            origin. Cores without a single tissue pixel are not planned. None plans all.
+        origin: grid offset in model px, each in ``[0, tile_size)``.
+    """
+    if tile_size <= 0 or halo < 0:
+        raise ValueError(f"tile_size must be > 0 and halo >= 0, got {tile_size}, {halo}")
+    if mpp <= 0 or mpp0 <= 0:
+        raise ValueError(f"mpp must be > 0, got model {mpp}, slide {mpp0}")
+    if not all(0 <= o < tile_size for o in origin):
+        raise ValueError(f"origin must lie in [0, tile_size), got {origin}")
+    if tissue is not None and tissue_mpp is None:
+        raise ValueError("tissue_mpp is required with a tissue mask")
+    scale = mpp / mpp0
+    width, height = math.ceil(width0 / scale), math.ceil(height0 / scale)
+    xs, ys = _edges(width, tile_size, origin[0]), _edges(height, tile_size, origin[1])
+    factor = (tissue_mpp / mpp) if tissue is not None else 1.0
+    tiles: list[Tile] = []
+    for row, (y0, y1) in enumerate(zip(ys[:-1], ys[1:])):
+        for col, (x0, x1) in enumerate(zip(xs[:-1], xs[1:])):
+            core = Box(x0, y0, x1, y1)
+            if core.area == 0:
+                continue
+            if tissue is not None and not _has_tissue(core, tissue, factor):
+                continue
+            tiles.append(Tile(len(tiles), row, col, core, core.grow(halo)))
+    return TilePlan(width, height, mpp, scale, tile_size, halo, tuple(origin), tuple(tiles))

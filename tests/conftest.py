@@ -1,0 +1,33 @@
+"""Shared fixtures: where the real data lives, small synthetic slides."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_dir() -> Path:
+    """../shared beside the checkout (CI clones main with shared/ beside it)."""
+    return Path(os.environ.get("NUCLEIFLOW_SHARED", REPO.parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Path to ../shared/data (slides/, monuseg/); skips when it is not there."""
+    p = shared_dir() / "data"
+    if not (p / "slides").is_dir():
+        pytest.skip(f"real data not found at {p} (set NUCLEIFLOW_SHARED)")
+    return p
+
+
+@pytest.fixture(scope="session")
+def cmu_slide(shared_data: Path) -> Path:
+    return shared_data / "slides" / "CMU-1-Small-Region.svs"
+
+
+@pytest.fixture(scope="session")
+def tcga_slide(shared_data: Path) -> Path:
+    return shared_data / "slides" / "tcga-cr-7395-01a-01-ts1.svs"
