@@ -1,0 +1,306 @@
+"""Post-processing of one tile's model maps into nucleus instance labels.
+
+Three marker-controlled watersheds, one per model family (see shared/SEEDS.md):
+
+- ``hv_watershed``: HoVer-Net / HoVer-UNet student: probability + horizontal/vertical
+  distance maps.
+- ``marker_watershed``: GoLo with a USE-Net shape-marker output.
+- ``distance_watershed``: GoLo with a mask alone: peaks of the distance transform split
+  touching nuclei.
+
+Inputs follow the post-processing contract: ``prob`` (H, W) float in [0, 1], ``hv``
+(2, H, W) float in [-1, 1] (channel 0 = x, 1 = y), ``marker`` (H, W) float in [0, 1].
+Every method returns int32 labels (H, W): 0 = background, nuclei 1..N consecutive (the
+order of the ids means nothing). All sizes are in pixels of the tile.
+
+Unlike the HoVer-Net reference code, a foreground component that receives no seed keeps
+its own label instead of vanishing: a small or oddly shaped nucleus is never dropped
+because its marker was opened away.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from math import comb
+
+import numpy as np
+from scipy import ndimage as ndi
+from skimage.feature import peak_local_max
+from skimage.morphology import disk
+from skimage.segmentation import watershed
+
+__all__ = [
+    "METHODS",
+    "distance_watershed",
+    "hv_watershed",
+    "marker_watershed",
+    "postprocess",
+    "relabel_consecutive",
+    "remove_small",
+]
+
+# 8-connectivity: a nucleus touching another only at a corner is still one blob.
+_CONN8 = np.ones((3, 3), bool)
+
+
+def relabel_consecutive(labels: np.ndarray) -> np.ndarray:
+    """Renumber the ids of ``labels`` (H, W) non-negative ints to 1..N, keeping their order.
+
+    Returns int32 (H, W); 0 stays background.
+    """
+    labels = np.asarray(labels)
+    if labels.size == 0:
+        return labels.astype(np.int32)
+    flat = labels.ravel()
+    hi = int(flat.max())
+    if int(flat.min()) < 0:
+        raise ValueError("labels must be non-negative")
+    if hi <= 4 * flat.size + 1024:
+        # A lookup table over the id range avoids sorting every pixel.
+        present = np.bincount(flat.astype(np.intp, copy=False), minlength=hi + 1) > 0
+        present[0] = False
+        lut = np.zeros(hi + 1, np.int32)
+        lut[present] = np.arange(1, int(present.sum()) + 1, dtype=np.int32)
+        return lut[flat].reshape(labels.shape)
+    ids, inverse = np.unique(flat, return_inverse=True)
+    out = inverse.astype(np.int32) + (0 if ids[0] == 0 else 1)
+    return out.reshape(labels.shape)
+
+
+def remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
+    """Zero every object of ``labels`` (H, W) non-negative ints with fewer than ``min_size`` px.
+
+    Ids of the objects kept are unchanged. Returns int32 (H, W).
+    """
+    labels = np.asarray(labels).astype(np.int32, copy=True)
+    if min_size <= 1 or labels.size == 0:
+        return labels
+    area = np.bincount(labels.ravel())
+    small = area < min_size
+    small[0] = False
+    if small.any():
+        labels[small[labels]] = 0
+    return labels
+
+
+def _foreground(prob: np.ndarray, threshold: float, min_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Binarise ``prob`` (H, W) at ``>= threshold``; drop blobs < ``min_size`` px.
+
+    Returns (mask (H, W) bool, components (H, W) int32).
+    """
+    prob = np.asarray(prob)
+    if prob.ndim != 2:
+        raise ValueError(f"prob must be (H, W), got shape {prob.shape}")
+    components, _ = ndi.label(prob >= threshold, structure=_CONN8)
+    components = remove_small(components, min_size)
+    return components > 0, components
+
+
+def _seeded_watershed(
+    energy: np.ndarray, seeds: np.ndarray, mask: np.ndarray, components: np.ndarray
+) -> np.ndarray:
+    """Watershed of ``energy`` from ``seeds`` inside ``mask``; unseeded components kept whole.
+
+    energy (H, W) float, low = nucleus centre; seeds (H, W) int, 0 = none; mask (H, W) bool;
+    components (H, W) int32, the connected components of ``mask``. Returns int32 1..N.
+    """
+    seeds = np.where(mask, seeds, 0)
+    out = watershed(energy, markers=seeds, mask=mask, connectivity=2).astype(np.int32)
+    # A component with a seed is flooded whole, so what is left are whole seedless ones.
+    seedless = mask & (out == 0)
+    if seedless.any():
+        out[seedless] = components[seedless] + out.max()
+    return relabel_consecutive(out)
+
+
+def _sobel_kernels(ksize: int) -> tuple[np.ndarray, np.ndarray]:
+    """OpenCV's Sobel kernels of odd size ``ksize``: (smoothing, first derivative), float64.
+
+    Smoothing: binomial coefficients of order ksize-1; derivative: binomial of order
+    ksize-2 convolved with [-1, 1]. For ksize=3: [1, 2, 1] and [-1, 0, 1].
+    """
+    if ksize < 3 or ksize % 2 == 0:
+        raise ValueError(f"ksize must be odd and >= 3, got {ksize}")
+    smooth = np.array([comb(ksize - 1, k) for k in range(ksize)], float)
+    deriv = np.convolve([comb(ksize - 2, k) for k in range(ksize - 1)], [-1.0, 1.0])
+    return smooth, deriv
+
+
+def _separable(
+    image: np.ndarray, along_x: np.ndarray, along_y: np.ndarray, transpose: bool = False
+) -> np.ndarray:
+    """Correlate ``image`` (H, W) with ``along_x`` on axis 1 and ``along_y`` on axis 0
+    (swapped if ``transpose``), like cv2.filter2D/Sobel with their default border
+    (BORDER_REFLECT_101, scipy's "mirror")."""
+    ax_x, ax_y = (0, 1) if transpose else (1, 0)
+    out = ndi.correlate1d(image, along_x, axis=ax_x, mode="mirror")
+    return ndi.correlate1d(out, along_y, axis=ax_y, mode="mirror")
+
+
+def _minmax(a: np.ndarray) -> np.ndarray:
+    """Rescale ``a`` to [0, 1] (like cv2.normalize NORM_MINMAX); constant -> zeros."""
+    lo, hi = float(a.min()), float(a.max())
+    if hi - lo <= 1e-12:
+        return np.zeros_like(a)
+    return (a - lo) / (hi - lo)
+
+
+def hv_watershed(
+    prob: np.ndarray,
+    hv: np.ndarray,
+    *,
+    prob_threshold: float = 0.5,
+    marker_threshold: float = 0.4,
+    min_size: int = 10,
+    ksize: int = 21,
+    opening_radius: int = 2,
+) -> np.ndarray:
+    """HoVer-Net post-processing (Graham et al. 2019, ``process_np_hv``) of one tile.
+
+    prob: (H, W) float nucleus probability; hv: (2, H, W) float, channel 0 = horizontal (x)
+    and 1 = vertical (y) distance to the nucleus centroid, in [-1, 1].
+
+    1. mask = prob >= prob_threshold, blobs < ``min_size`` px removed.
+    2. h and v min-max normalised over the tile; Sobel derivatives along x of h and along
+       y of v (OpenCV kernels of size ``ksize`` px; HoVer-Net uses 21 at 0.25 um/px), each
+       min-max normalised and inverted: ``edge = max(1 - d/dx h, 1 - d/dy v)``, high where
+       the distance maps jump, i.e. between touching nuclei; 0 outside the mask.
+    3. markers = mask & (edge < ``marker_threshold``), holes filled, opened with a disk of
+       ``opening_radius`` px, seeds < ``min_size`` px dropped.
+    4. watershed of ``-blur3x3((1 - edge) * mask)`` from the markers within the mask.
+    Returns int32 (H, W) labels 1..N.
+
+    The tile-wide min-max normalisations (kept as in HoVer-Net) make the edge map depend
+    on the rest of the tile: on exact maps of small MoNuSeg crops (300 px) a few large
+    nuclei can fall above ``marker_threshold`` everywhere, lose their marker and be flooded
+    by a neighbour; on 512-1000 px tiles AJI against the truth is ~0.97-1.0.
+    """
+    hv = np.asarray(hv, dtype=np.float32)
+    prob = np.asarray(prob)
+    if hv.shape != (2, *prob.shape):
+        raise ValueError(f"hv must be (2, H, W) with prob (H, W): {hv.shape}, {prob.shape}")
+    mask, components = _foreground(prob, prob_threshold, min_size)
+    if not mask.any():
+        return np.zeros(prob.shape, np.int32)
+
+    smooth, deriv = _sobel_kernels(ksize)
+    h = _minmax(hv[0])
+    v = _minmax(hv[1])
+    dh = _separable(h, deriv, smooth)  # d/dx: derivative along axis 1 (x)
+    dv = _separable(v, deriv, smooth, transpose=True)  # d/dy
+    edge = np.maximum(1.0 - _minmax(dh), 1.0 - _minmax(dv))
+    edge[~mask] = 0.0
+
+    # Nuclei are mountains of (1 - edge); negate so that they become basins.
+    blur = np.array([0.25, 0.5, 0.25], np.float32)  # cv2.GaussianBlur((3, 3), 0)
+    energy = (1.0 - edge) * mask
+    energy = -_separable(energy, blur, blur)
+
+    markers = ndi.binary_fill_holes(mask & (edge < marker_threshold))
+    if opening_radius > 0:
+        markers = ndi.binary_opening(markers, structure=disk(opening_radius))
+    seeds, _ = ndi.label(markers, structure=_CONN8)
+    seeds = remove_small(seeds, min_size)
+    return _seeded_watershed(energy, seeds, mask, components)
+
+
+def marker_watershed(
+    prob: np.ndarray,
+    marker: np.ndarray,
+    *,
+    prob_threshold: float = 0.5,
+    marker_threshold: float = 0.5,
+    min_size: int = 10,
+) -> np.ndarray:
+    """Watershed from USE-Net shape markers (eroded nuclei) within the nucleus mask.
+
+    prob: (H, W) float nucleus probability; marker: (H, W) float shape-marker probability.
+    mask = prob >= prob_threshold without blobs < ``min_size`` px; seeds = connected
+    components of marker >= marker_threshold inside the mask; flooding runs on the negated
+    Euclidean distance to the background. Mask components without a seed keep their own
+    label. Returns int32 (H, W) labels 1..N.
+    """
+    prob, marker = np.asarray(prob), np.asarray(marker)
+    if marker.shape != prob.shape:
+        raise ValueError(f"marker must have prob's shape {prob.shape}, got {marker.shape}")
+    mask, components = _foreground(prob, prob_threshold, min_size)
+    if not mask.any():
+        return np.zeros(prob.shape, np.int32)
+    seeds, _ = ndi.label((marker >= marker_threshold) & mask, structure=_CONN8)
+    energy = -ndi.distance_transform_edt(mask)
+    return _seeded_watershed(energy, seeds, mask, components)
+
+
+def distance_watershed(
+    prob: np.ndarray,
+    *,
+    prob_threshold: float = 0.5,
+    min_distance: int = 3,
+    min_size: int = 10,
+    smooth_sigma: float = 2.0,
+) -> np.ndarray:
+    """Split touching nuclei of a mask alone at the necks of its distance transform.
+
+    prob: (H, W) float nucleus probability. mask = prob >= prob_threshold without blobs <
+    ``min_size`` px; dist = Euclidean distance to the background, Gaussian-smoothed with
+    ``smooth_sigma`` px; seeds = its local maxima (one per blob at least, any two at least
+    ``min_distance`` px apart); watershed of ``-dist`` from the seeds within the mask.
+    Returns int32 (H, W) labels 1..N.
+
+    The smoothing matters: the raw distance transform of a digital shape has plateaus and
+    ridges with many local maxima. On MoNuSeg ground-truth masks (0.25 um/px) it lifts AJI
+    from ~0.6-0.7 (sigma 0) to ~0.85-0.9 (sigma 2).
+    """
+    prob = np.asarray(prob)
+    mask, components = _foreground(prob, prob_threshold, min_size)
+    if not mask.any():
+        return np.zeros(prob.shape, np.int32)
+    dist = ndi.distance_transform_edt(mask)
+    if smooth_sigma > 0:
+        dist = ndi.gaussian_filter(dist, smooth_sigma)
+    # One global peak search: per-blob search (labels=components) costs a Python-level loop
+    # over blobs, 2-3x slower on a crowded tile. A blob whose only peak lost to a closer,
+    # higher one of its neighbour keeps its own label anyway (seedless blobs are kept).
+    peaks = peak_local_max(dist, min_distance=min_distance, exclude_border=False)
+    seeds = np.zeros(prob.shape, np.int32)
+    seeds[tuple(peaks.T)] = np.arange(1, len(peaks) + 1, dtype=np.int32)
+    return _seeded_watershed(-dist, seeds, mask, components)
+
+
+def _tile_map(maps: Mapping[str, np.ndarray], key: str, method: str) -> np.ndarray:
+    if key not in maps:
+        raise ValueError(f"post-processing {method!r} needs maps[{key!r}]; got keys {sorted(maps)}")
+    return np.asarray(maps[key])
+
+
+def _squeeze_channel(a: np.ndarray) -> np.ndarray:
+    # Accept (1, H, W) as well: it is what slicing one tile out of (B, 1, H, W) gives.
+    return a[0] if a.ndim == 3 and a.shape[0] == 1 else a
+
+
+METHODS: dict[str, Callable[..., np.ndarray]] = {
+    "hv": lambda maps, **kw: hv_watershed(
+        _squeeze_channel(_tile_map(maps, "prob", "hv")), _tile_map(maps, "hv", "hv"), **kw
+    ),
+    "marker": lambda maps, **kw: marker_watershed(
+        _squeeze_channel(_tile_map(maps, "prob", "marker")),
+        _squeeze_channel(_tile_map(maps, "marker", "marker")),
+        **kw,
+    ),
+    "distance": lambda maps, **kw: distance_watershed(
+        _squeeze_channel(_tile_map(maps, "prob", "distance")), **kw
+    ),
+}
+"""Post-processing methods by name: each takes (maps, **params) -> int32 labels (H, W)."""
+
+
+def postprocess(maps: Mapping[str, np.ndarray], method: str, **params: float) -> np.ndarray:
+    """Instance labels of one tile from its maps with the post-processing named ``method``.
+
+    maps: "prob" (H, W), "hv" (2, H, W) for "hv", "marker" (H, W) for "marker"
+    ((1, H, W) is accepted for prob and marker). ``params`` go to the method's function.
+    Returns int32 (H, W), 0 = background, nuclei 1..N.
+    """
+    if method not in METHODS:
+        valid = ", ".join(sorted(METHODS))
+        raise ValueError(f"unknown post-processing method {method!r}; valid: {valid}")
+    return METHODS[method](maps, **params)
