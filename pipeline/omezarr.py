@@ -1,0 +1,202 @@
+"""The masks of one slide as OME-Zarr (NGFF 0.4 on Zarr format 2), written tile by tile.
+
+Layout of ``<out>/<slide_id>/masks.ome.zarr`` (model pixels; axes y, x in micrometer)::
+
+    .zattrs              multiscales "nuclear probability": uint8, 0-255 = NP 0-1
+    0/ 1/ 2/ ...         pyramid levels, each half the size of the one above (mean)
+    labels/.zattrs       {"labels": ["nuclei", "tissue"]}
+    labels/nuclei/0/ ... int32 label image, value = nucleus_id of the GeoParquet row (nearest)
+    labels/tissue/0/     uint8 tissue mask (1 = tissue) at its own, coarser scale
+
+Zarr format 2 with "/" chunk keys and Blosc, no sharding: what QuPath, Bio-Formats, OMERO
+and napari read. Every array is created at open; ``write_tile`` writes whole chunks only
+(tile cores are chunk-aligned), so writers never share a chunk; ``close`` builds the pyramid
+one output chunk at a time from the level above (memory: 4 chunks, whatever the slide
+size), then renames the hidden temp folder to the final name. Level ``k`` has scale
+``mpp * 2**k`` and no translation (as ome-zarr's own writer does).
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numcodecs
+import numpy as np
+import zarr
+
+_KEYS = {"name": "v2", "separator": "/"}
+
+
+def prob_to_uint8(prob: np.ndarray) -> np.ndarray:
+    """NP probability -> uint8 (0-255). uint8 passes through; floats are clipped to [0, 1]."""
+    prob = np.asarray(prob)
+    if prob.dtype == np.uint8:
+        return prob
+    return np.round(np.clip(prob, 0, 1) * 255).astype(np.uint8)
+
+
+def level_shapes(shape: tuple[int, int], chunk: int) -> list[tuple[int, int]]:
+    """Pyramid shapes: halve (rounding up) until the level fits in one chunk."""
+    shapes = [tuple(int(s) for s in shape)]
+    while max(shapes[-1]) > chunk:
+        shapes.append(tuple(math.ceil(s / 2) for s in shapes[-1]))
+    return shapes
+
+
+def mean2(block: np.ndarray) -> np.ndarray:
+    """2x2 mean (rounded, same dtype); an odd last row/column is averaged with itself."""
+    h, w = block.shape
+    b = np.pad(block, ((0, h % 2), (0, w % 2)), mode="edge").astype(np.float32)
+    out = b.reshape(b.shape[0] // 2, 2, b.shape[1] // 2, 2).mean(axis=(1, 3))
+    return np.round(out).astype(block.dtype)
+
+
+def nearest2(block: np.ndarray) -> np.ndarray:
+    """2x2 nearest (top-left pixel): label values are never mixed."""
+    return block[::2, ::2]
+
+
+def downsample(src: zarr.Array, dst: zarr.Array, reduce: Callable[[np.ndarray], np.ndarray]) -> None:
+    """Fill ``dst`` (half of ``src``, same chunks) chunk by chunk; all-zero chunks are skipped."""
+    ch, cw = dst.chunks
+    for i in range(0, dst.shape[0], ch):
+        for j in range(0, dst.shape[1], cw):
+            block = src[2 * i : 2 * (i + ch), 2 * j : 2 * (j + cw)]
+            if block.any():  # absent chunks read as the fill value 0: nothing to write
+                dst[i : i + ch, j : j + cw] = reduce(block)
+
+
+def _axes() -> list[dict[str, str]]:
+    return [{"name": a, "type": "space", "unit": "micrometer"} for a in ("y", "x")]
+
+
+def multiscales(name: str, mpps: list[float], method: str) -> dict[str, Any]:
+    """NGFF 0.4 ``multiscales`` attributes for levels "0", "1", ... of ``mpps`` um/px."""
+    datasets = [
+        {"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": [m, m]}]}
+        for k, m in enumerate(mpps)
+    ]
+    return {"multiscales": [{"version": "0.4", "name": name, "axes": _axes(), "datasets": datasets, "type": method}]}
+
+
+def _label_attrs(name: str, mpps: list[float], colors: list[dict] | None = None) -> dict[str, Any]:
+    label: dict[str, Any] = {"version": "0.4", "source": {"image": "../../"}}
+    if colors:
+        label["colors"] = colors
+    return {**multiscales(name, mpps, "nearest"), "image-label": label}
+
+
+class OmeZarrWriter:
+    """Chunk-aligned writer of the NP probability and nucleus label rasters of one slide.
+
+    Args:
+        path: final store, e.g. ``<out>/<slide_id>/masks.ome.zarr``.
+        shape: (H, W) of the slide in model pixels. chunk: chunk edge = tile core size.
+        mpp: model um/px. tissue: optional (h, w) bool mask at ``tissue_mpp`` um/px.
+        metadata: JSON-able facts stored under ``nucleiflow`` in the root attributes.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        shape: tuple[int, int],
+        *,
+        mpp: float,
+        chunk: int = 1024,
+        tissue: np.ndarray | None = None,
+        tissue_mpp: float | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        if tissue is not None and tissue_mpp is None:
+            raise ValueError("tissue_mpp is required with a tissue mask")
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.shape, self.chunk, self.mpp = (int(shape[0]), int(shape[1])), int(chunk), float(mpp)
+        self.metadata = dict(metadata or {})
+        self._done = False
+        shapes = level_shapes(self.shape, self.chunk)
+        mpps = [self.mpp * 2**k for k in range(len(shapes))]
+        self.tmp.parent.mkdir(parents=True, exist_ok=True)
+        root = zarr.open_group(str(self.tmp), mode="w", zarr_format=2)
+        self.prob = [self._array(root, str(k), s, "uint8") for k, s in enumerate(shapes)]
+        nuclei = root.require_group("labels/nuclei")
+        self.labels = [self._array(nuclei, str(k), s, "int32") for k, s in enumerate(shapes)]
+        names = ["nuclei"]
+        nuclei.attrs.update(_label_attrs("nuclei", mpps))
+        if tissue is not None:
+            group = root.require_group("labels/tissue")
+            arr = self._array(group, "0", tissue.shape, "uint8")
+            arr[...] = np.asarray(tissue, dtype=bool).astype(np.uint8)
+            group.attrs.update(_label_attrs("tissue", [float(tissue_mpp)], [{"label-value": 1, "rgba": [0, 160, 0, 96]}]))
+            names.append("tissue")
+        root["labels"].attrs.update({"labels": names})
+        root.attrs.update(multiscales("nuclear probability", mpps, "mean"))
+        self._root = root
+
+    def _array(self, group: zarr.Group, name: str, shape: tuple[int, ...], dtype: str) -> zarr.Array:
+        shuffle = numcodecs.Blosc.BITSHUFFLE if dtype == "uint8" else numcodecs.Blosc.SHUFFLE
+        return group.create_array(
+            name,
+            shape=tuple(shape),
+            chunks=tuple(min(self.chunk, s) for s in shape),
+            dtype=dtype,
+            fill_value=0,
+            compressors=numcodecs.Blosc(cname="zstd", clevel=5, shuffle=shuffle),
+            chunk_key_encoding=_KEYS,
+        )
+
+    def write_tile(
+        self, tile_core: Any, labels_core: np.ndarray | None, prob_core: np.ndarray | None, table: Any = None
+    ) -> None:
+        """Write one chunk-aligned core: labels (h, w) int (nucleus ids), prob (h, w) uint8 or float."""
+        if self._done:
+            raise RuntimeError(f"{self.path}: writer already closed or aborted")
+        x0, y0, x1, y1 = (tile_core.x0, tile_core.y0, tile_core.x1, tile_core.y1) if hasattr(tile_core, "x0") else tile_core
+        h, w = self.shape
+        c = self.chunk
+        aligned = x0 % c == 0 and y0 % c == 0 and (x1 % c == 0 or x1 == w) and (y1 % c == 0 or y1 == h)
+        if not (aligned and 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+            raise ValueError(f"core {(x0, y0, x1, y1)} is not chunk-aligned ({c} px) inside {w}x{h}")
+        for data, arr, convert in ((labels_core, self.labels[0], _to_int32), (prob_core, self.prob[0], prob_to_uint8)):
+            if data is None:
+                continue
+            if np.shape(data) != (y1 - y0, x1 - x0):
+                raise ValueError(f"array of shape {np.shape(data)} does not fit core {(x0, y0, x1, y1)}")
+            arr[y0:y1, x0:x1] = convert(data)
+
+    def close(self, meta: Mapping[str, Any] | None = None) -> Path:
+        """Build the pyramids, store ``meta``, move the store to its final name."""
+        if self._done:
+            raise RuntimeError(f"{self.path}: writer already closed or aborted")
+        try:
+            for levels, reduce in ((self.prob, mean2), (self.labels, nearest2)):
+                for src, dst in zip(levels[:-1], levels[1:]):
+                    downsample(src, dst, reduce)
+            info = {**self.metadata, **(meta or {}), "mpp": self.mpp, "chunk": self.chunk}
+            self._root.attrs.update({"nucleiflow": info})
+            if self.path.exists():  # an older, complete store of the same slide: replace it
+                shutil.rmtree(self.path)
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        self._done = True
+        return self.path
+
+    def abort(self) -> None:
+        """Remove the temp store; the final name is never touched."""
+        self._done = True
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _to_int32(labels: np.ndarray) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.dtype != np.int32:
+        if labels.size and (labels.min() < 0 or labels.max() > np.iinfo(np.int32).max):
+            raise OverflowError("label values must fit in int32")
+        labels = labels.astype(np.int32)
+    return labels

@@ -1,0 +1,341 @@
+"""Instance labels -> one polygon and a row of morphometrics per nucleus; tile ownership.
+
+Conventions (shared with ``tiling`` and the writers):
+
+* Pixel ``(row, col)`` of an array covers the unit square ``[col, col+1) x [row, row+1)``,
+  so its centre is ``(col + 0.5, row + 0.5)``. An array whose origin is model pixel
+  ``offset = (x0, y0)`` maps its pixel centre to model point ``(x0 + col + 0.5, y0 + row + 0.5)``
+  and to level-0 point ``scale *`` that (``scale`` = level-0 px per model px).
+* Output geometry and centroids are in level-0 pixels, x right, y down. Sizes are given in
+  um as well, measured on the model-pixel labels with ``mpp = mpp0 * scale`` (model um/px).
+* The centroid of a nucleus is the mean of its pixel centres. ``ownership`` keeps a nucleus
+  iff that centroid lies in the half-open core box, using exact integer arithmetic, so two
+  tiles that see the same whole nucleus always agree on its single owner.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import shapely
+from scipy import ndimage as ndi
+from skimage import measure
+
+#: Columns of every nuclei table, in order, with their numpy dtypes (geometry: shapely objects).
+COLUMNS: dict[str, str] = {
+    "nucleus_id": "int64",
+    "geometry": "object",
+    "centroid_x": "float64",
+    "centroid_y": "float64",
+    "area_px": "float64",
+    "area_um2": "float64",
+    "perimeter_um": "float64",
+    "equivalent_diameter_um": "float64",
+    "eccentricity": "float32",
+    "solidity": "float32",
+    "major_axis_um": "float64",
+    "minor_axis_um": "float64",
+    "orientation": "float32",
+    "mean_prob": "float32",
+}
+#: Columns present only when asked for: classes (``type_prob``), halo check (``border_labels``).
+OPTIONAL_COLUMNS: dict[str, str] = {
+    "class_id": "int32",
+    "class_name": "object",
+    "touches_halo_edge": "bool",
+}
+
+Table = dict[str, np.ndarray]
+BoxLike = Any  # tiling.Box or a tuple (x0, y0, x1, y1)
+
+
+def _box(core: BoxLike) -> tuple[int, int, int, int]:
+    if hasattr(core, "x0"):
+        return core.x0, core.y0, core.x1, core.y1
+    x0, y0, x1, y1 = core
+    return int(x0), int(y0), int(x1), int(y1)
+
+
+def _moments(labels: np.ndarray, second: bool = False) -> tuple[np.ndarray, ...]:
+    """Present labels (> 0), their pixel counts and raw moment sums, all int64.
+
+    Returns ``(present, n, sx, sy)``, plus ``(sxx, syy, sxy)`` when ``second``; x = column
+    index, y = row index. Float bincounts of integer weights are exact below 2**53, so the
+    sums (and products of them, see ``_shape``) are exact integers.
+    """
+    flat = labels.ravel()
+    fg = np.flatnonzero(flat)
+    lab = flat[fg]
+    y, x = np.divmod(fg, labels.shape[1])
+    n = np.bincount(lab)
+    present = np.flatnonzero(n)
+
+    def total(w: np.ndarray) -> np.ndarray:
+        return np.bincount(lab, weights=w, minlength=len(n))[present].astype(np.int64)
+
+    out = [present.astype(np.int64), n[present].astype(np.int64), total(x), total(y)]
+    if second:
+        x, y = x.astype(np.float64), y.astype(np.float64)
+        out += [total(x * x), total(y * y), total(x * y)]
+    return tuple(out)
+
+
+def ownership(labels: np.ndarray, core_in_array: BoxLike) -> np.ndarray:
+    """Labels whose centroid lies in ``core_in_array``.
+
+    Args:
+        labels: (H, W) non-negative int instance labels, 0 = background.
+        core_in_array: half-open box ``(x0, y0, x1, y1)`` (or a ``tiling.Box``) in the
+            array's own pixel coordinates (pixel ``(r, c)`` spans ``[c, c+1) x [r, r+1)``).
+
+    Returns:
+        Sorted int64 array of kept label values. The centroid is the mean of pixel centres,
+        ``(mean(c) + 0.5, mean(r) + 0.5)``; the test ``x0 <= cx < x1`` is done in integers
+        (``2*x0*n <= 2*sum(c) + n < 2*x1*n``), so it does not depend on the array's offset.
+
+    >>> lab = np.zeros((4, 6), np.int32); lab[1:3, 2:4] = 1; lab[1:3, 4:6] = 2
+    >>> ownership(lab, (0, 0, 4, 4)).tolist()   # centroid x: 3.0 and 5.0
+    [1]
+    """
+    labels = np.asarray(labels)
+    x0, y0, x1, y1 = _box(core_in_array)
+    present, n, sx, sy = _moments(labels)
+    tx, ty = 2 * sx + n, 2 * sy + n  # 2 * n * centroid
+    keep = (2 * x0 * n <= tx) & (tx < 2 * x1 * n) & (2 * y0 * n <= ty) & (ty < 2 * y1 * n)
+    return present[keep].astype(np.int64)
+
+
+def touches_border(labels: np.ndarray) -> np.ndarray:
+    """Sorted labels (> 0) with at least one pixel on the outer edge of ``labels`` (H, W)."""
+    labels = np.asarray(labels)
+    edge = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+    u = np.unique(edge)
+    return u[u > 0].astype(np.int64)
+
+
+def nucleus_ids(kept: np.ndarray, ids: int | Mapping[int, int]) -> np.ndarray:
+    """int64 nucleus ids for the sorted label values ``kept``: ``start + rank`` or a lookup."""
+    kept = np.asarray(kept, dtype=np.int64)
+    if isinstance(ids, Mapping):
+        return np.array([ids[int(k)] for k in kept], dtype=np.int64)
+    return np.arange(int(ids), int(ids) + len(kept), dtype=np.int64)
+
+
+def relabel(labels: np.ndarray, kept: np.ndarray, ids: int | Mapping[int, int]) -> np.ndarray:
+    """(H, W) int32 copy of ``labels`` with ``kept[i]`` -> its nucleus id, every other label -> 0.
+
+    ``ids`` follows the same rule as in ``nuclei_table``, so raster and table agree.
+    """
+    labels = np.asarray(labels)
+    kept = np.asarray(kept, dtype=np.int64)
+    lut = np.zeros(int(max(labels.max(initial=0), kept.max(initial=0))) + 1, dtype=np.int32)
+    new = nucleus_ids(kept, ids)
+    if new.size and new.max() > np.iinfo(np.int32).max:
+        raise OverflowError("nucleus ids exceed int32, the label raster's dtype")
+    lut[kept] = new
+    return lut[labels]
+
+
+def empty_table(*, classes: bool = False, border: bool = False) -> Table:
+    """A table with no rows and the columns ``nuclei_table`` returns for the same options."""
+    cols = dict(COLUMNS)
+    if classes:
+        cols.update(class_id=OPTIONAL_COLUMNS["class_id"], class_name=OPTIONAL_COLUMNS["class_name"])
+    if border:
+        cols["touches_halo_edge"] = OPTIONAL_COLUMNS["touches_halo_edge"]
+    return {k: np.empty(0, dtype=dt) for k, dt in cols.items()}
+
+
+def _select(present: np.ndarray, keep: Any) -> np.ndarray:
+    if keep is None:
+        return present
+    if callable(keep):
+        return present[np.asarray(keep(present), dtype=bool)]
+    keep = np.asarray(keep)
+    if keep.dtype == bool:  # a lookup table indexed by label value
+        inside = present < len(keep)
+        return present[inside][keep[present[inside]]]
+    return present[np.isin(present, keep)]
+
+
+def _ring_area(ring: np.ndarray) -> float:
+    """Signed shoelace area of a closed (N, 2) ring; > 0 for find_contours exteriors."""
+    x, y = ring[:, 0], ring[:, 1]
+    return 0.5 * float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1]))
+
+
+def _mask_polygon(mask: np.ndarray, shift: tuple[float, float]) -> shapely.Polygon:
+    """Polygon of the largest part of a bool mask, in its pixel-corner coordinates + ``shift``.
+
+    Marching squares at 0.5 on the zero-padded mask: the outline passes half-way between
+    pixel centres, i.e. along pixel edges with corners cut. ``fully_connected="high"`` joins
+    diagonal neighbours into one part. Holes inside the kept part are kept.
+    """
+    padded = np.pad(mask, 1).astype(np.uint8)
+    # Padded index -> mask index is -1; pixel centre -> pixel-corner coordinates is +0.5.
+    origin = np.array([shift[0] - 0.5, shift[1] - 0.5])
+    rings = [c[:, ::-1] + origin for c in measure.find_contours(padded, 0.5, fully_connected="high")]
+    areas = np.array([_ring_area(r) for r in rings])
+    outer = rings[int(np.argmax(areas))]
+    shell = shapely.Polygon(outer)
+    holes = [r for r, a in zip(rings, areas) if a < 0 and shell.contains(shapely.Point(r[0]))]
+    return shapely.Polygon(outer, holes) if holes else shell
+
+
+def _largest_polygon(geom: shapely.Geometry) -> shapely.Polygon:
+    """The largest Polygon in ``geom`` (make_valid may return multi-part collections)."""
+    if isinstance(geom, shapely.Polygon):
+        return geom
+    parts = [g for g in shapely.get_parts(geom) if isinstance(g, shapely.Polygon)]
+    if not parts:
+        return shapely.Polygon()
+    return max(parts, key=lambda g: g.area)
+
+
+def _clean(polys: np.ndarray, tolerance: float = 0.0) -> np.ndarray:
+    """Repair invalid outlines (make_valid, largest part), then simplify lightly where that
+    keeps a valid non-empty Polygon."""
+    polys = polys.copy()
+    for i in np.flatnonzero(~shapely.is_valid(polys)):
+        polys[i] = _largest_polygon(shapely.make_valid(polys[i]))
+    if tolerance <= 0 or len(polys) == 0:
+        return polys
+    # Plain Douglas-Peucker is ~10x faster than the topology-preserving variant; the rare
+    # outline it breaks keeps its unsimplified form.
+    simple = shapely.simplify(polys, tolerance, preserve_topology=False)
+    bad = ~shapely.is_valid(simple) | shapely.is_empty(simple) | (shapely.get_type_id(simple) != 3)
+    simple[bad] = polys[bad]
+    return simple
+
+
+def nuclei_table(
+    labels: np.ndarray,
+    prob: np.ndarray | None = None,
+    *,
+    mpp0: float,
+    offset: tuple[float, float] = (0, 0),
+    scale: float = 1.0,
+    ids: int | Mapping[int, int] = 1,
+    keep: Iterable[int] | np.ndarray | Callable[[np.ndarray], np.ndarray] | None = None,
+    type_prob: np.ndarray | None = None,
+    class_names: Sequence[str] | None = None,
+    border_labels: Iterable[int] | None = None,
+    simplify: float = 0.35,
+) -> Table:
+    """One row per nucleus: a level-0 polygon and morphometrics.
+
+    Args:
+        labels: (H, W) int instance labels in model pixels, 0 = background (tile-local values:
+            ``np.bincount`` over them must fit in memory).
+        prob: (H, W) float NP probability in [0, 1] (or None: ``mean_prob`` is NaN).
+        mpp0: level-0 um/px. ``scale``: level-0 px per model px; model mpp = ``mpp0 * scale``.
+        offset: model-pixel ``(x0, y0)`` of the array's origin in the slide.
+        ids: nucleus ids: a start (kept labels, ascending, get ``start, start+1, ...``) or a
+            mapping label -> id. ``relabel`` applies the same rule to the raster.
+        keep: labels to keep: None (all), label values, a bool lookup indexed by label, or a
+            predicate on the array of present labels (e.g. ``ownership``'s result).
+        type_prob: (k, H, W) class probabilities; adds ``class_id`` (argmax of the per-nucleus
+            mean) and ``class_name`` (from ``class_names``, else ``str(class_id)``).
+        border_labels: labels touching the read box's outer edge (``touches_border``); adds
+            the bool column ``touches_halo_edge``.
+        simplify: Douglas-Peucker tolerance in model px (0: none), undone for any polygon it
+            would make invalid. On MoNuSeg 0.35 keeps polygon areas within 0.2% of the raw
+            outline with 3x fewer vertices; 0.5 already moved small ones by up to 10%.
+
+    Returns:
+        dict of 1-D numpy arrays, columns ``COLUMNS`` (+ the optional ones asked for), rows by
+        ascending label. geometry: shapely Polygons (always valid, single part: the largest
+        part of a multi-part nucleus). centroid_x/y: mean pixel centre, level-0 px. area_px:
+        pixel count in level-0 px^2; area_um2, perimeter_um (skimage ``perimeter``, 4-conn.),
+        equivalent_diameter_um, major/minor_axis_um: from the model-pixel labels. eccentricity:
+        of the moment ellipse. solidity: polygon area / its convex hull's area (before
+        simplification; cheaper than skimage's convex image, same meaning). orientation:
+        skimage's: angle in radians in [-pi/2, pi/2] between the row (y, down) axis and the
+        major axis, counter-clockwise as the array is displayed (x right, y down).
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be 2-D, got shape {labels.shape}")
+    for name, arr in (("prob", prob), ("type_prob", type_prob)):
+        if arr is not None and np.shape(arr)[-2:] != labels.shape:
+            raise ValueError(f"{name} shape {np.shape(arr)} does not match labels {labels.shape}")
+    classes, border = type_prob is not None, border_labels is not None
+    present, *sums = _moments(labels, second=True)
+    kept = _select(present, keep)
+    if len(kept) == 0:
+        return empty_table(classes=classes, border=border)
+    rows = np.searchsorted(present, kept)
+    n, sx, sy, sxx, syy, sxy = (v[rows] for v in sums)
+    shape = _shape(n, sx, sy, sxx, syy, sxy)
+
+    mpp = mpp0 * scale
+    ox, oy = offset
+    slices = ndi.find_objects(labels)
+    polys = np.empty(len(kept), dtype=object)
+    perim = np.empty(len(kept))
+    for i, lab in enumerate(kept):
+        sl = slices[lab - 1]
+        mask = labels[sl] == lab
+        polys[i] = _mask_polygon(mask, (ox + sl[1].start, oy + sl[0].start))
+        perim[i] = measure.perimeter(mask)  # skimage's regionprops perimeter (4-neighbourhood)
+
+    raw = _clean(polys)
+    hull = shapely.area(shapely.convex_hull(raw))
+    solidity = np.divide(shapely.area(raw), hull, out=np.ones(len(kept)), where=hull > 0)
+    geoms = shapely.transform(_clean(raw, simplify), lambda xy: xy * scale)
+
+    table: Table = {
+        "nucleus_id": nucleus_ids(kept, ids),
+        "geometry": geoms,
+        "centroid_x": (ox + sx / n + 0.5) * scale,
+        "centroid_y": (oy + sy / n + 0.5) * scale,
+        "area_px": n * scale**2,
+        "area_um2": n * mpp**2,
+        "perimeter_um": perim * mpp,
+        "equivalent_diameter_um": np.sqrt(4 * n / np.pi) * mpp,
+        "eccentricity": shape["eccentricity"].astype(np.float32),
+        "solidity": solidity.astype(np.float32),
+        "major_axis_um": shape["major"] * mpp,
+        "minor_axis_um": shape["minor"] * mpp,
+        "orientation": shape["orientation"].astype(np.float32),
+        "mean_prob": _region_means(labels, prob, kept, n),
+    }
+    if classes:
+        means = np.stack([_region_means(labels, p, kept, n) for p in type_prob])
+        cid = means.argmax(axis=0).astype(np.int32)
+        names = list(class_names) if class_names is not None else [str(i) for i in range(len(type_prob))]
+        table["class_id"] = cid
+        table["class_name"] = np.array([names[i] for i in cid], dtype=object)
+    if border:
+        table["touches_halo_edge"] = np.isin(kept, np.fromiter(border_labels, dtype=np.int64))
+    return table
+
+
+def _shape(
+    n: np.ndarray, sx: np.ndarray, sy: np.ndarray, sxx: np.ndarray, syy: np.ndarray, sxy: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Moment-ellipse descriptors per region (int64 moment sums in), as skimage's regionprops.
+
+    skimage's inertia tensor is ``[[a, b], [b, c]]`` with ``a = var(x)``, ``c = var(y)``,
+    ``b = -cov(x, y)`` (x = column, y = row). Central moments times ``n**2`` are exact
+    integers here, so the ``a == c`` tie of the orientation is decided exactly as skimage does.
+    """
+    mxx, myy, mxy = n * sxx - sx * sx, n * syy - sy * sy, n * sxy - sx * sy  # n^2 * (co)variance
+    nn = (n * n).astype(np.float64)
+    a, c, b = mxx / nn, myy / nn, -mxy / nn
+    half_gap = np.sqrt(((a - c) / 2) ** 2 + b**2)
+    l1 = np.clip((a + c) / 2 + half_gap, 0, None)
+    l2 = np.clip((a + c) / 2 - half_gap, 0, None)
+    ecc = np.sqrt(1 - np.divide(l2, l1, out=np.ones_like(l1), where=l1 > 0))
+    tie = np.where(b < 0, np.pi / 4, -np.pi / 4)
+    orient = np.where(mxx == myy, tie, 0.5 * np.arctan2(-2 * b, c - a))
+    return {"eccentricity": ecc, "major": 4 * np.sqrt(l1), "minor": 4 * np.sqrt(l2), "orientation": orient}
+
+
+def _region_means(labels: np.ndarray, values: np.ndarray | None, kept: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """float32 mean of ``values`` (H, W) over each kept label; NaN when values is None."""
+    if values is None:
+        return np.full(len(kept), np.nan, dtype=np.float32)
+    sums = np.bincount(labels.ravel(), weights=np.asarray(values, dtype=np.float64).ravel())
+    return (sums[kept] / counts).astype(np.float32)
