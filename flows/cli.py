@@ -162,3 +162,48 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print the cards' 
         f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
         typer.echo(f"{r['name']:<12} {r['arch']:<10} {r['parameters'] or 0:>9} {r['mpp']:>5} "
                    f"{r['held_out'] or '-':<10} {f(r['dice']):>6} {f(r['aji']):>6} {f(r['pq']):>6}")
+
+
+@app.command()
+def segment(
+    slides: list[str] = typer.Argument(..., help="Slide paths, globs, folders or CSV manifests (path[,mpp][,slide_id])."),
+    out: Path = typer.Option(..., "--out", help="Output folder: <out>/<slide_id>/, <out>/nuclei/, batch reports."),
+    model: str = typer.Option("student", "--model", help="Registered checkpoint name or a checkpoint folder."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA if present), cpu or cuda."),
+    mpp: Optional[float] = typer.Option(None, "--mpp", help="Level-0 um/px for slides whose metadata lacks it."),
+    tile_size: int = typer.Option(DEFAULT_TILE, "--tile-size", help="Tile core edge in model px (= Zarr chunk)."),
+    halo: int = typer.Option(DEFAULT_HALO, "--halo", help="Context px around each core (>= largest nucleus)."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Tiles per model batch."),
+    readers: int = typer.Option(1, "--readers", help="Reader processes (0: read in the main process)."),
+    workers: int = typer.Option(1, "--workers", help="Post-processing processes (0: in the main process)."),
+) -> None:
+    """Segment slides into OME-Zarr masks and GeoParquet nuclei; one Prefect flow run.
+
+    Exit 0 when every slide is done (or was already done), 1 when some failed.
+    """
+    from nucleiflow.models.checkpoint import resolve
+
+    if device not in ("auto", "cpu", "cuda"):
+        fail(f"--device must be auto, cpu or cuda, not {device!r}")
+    try:
+        resolve(model)
+    except (KeyError, FileNotFoundError) as e:
+        fail(str(e).strip("'\""))
+    from nucleiflow.flows.segment import segment_slides
+    from nucleiflow.pipeline.manifest import expand_slides
+
+    try:
+        expand_slides(slides, mpp=mpp)  # fail fast on an empty glob or a bad manifest
+    except (ValueError, OSError) as e:
+        fail(str(e))
+    report = segment_slides(
+        slides=slides, out=str(out), model=model, device=device, mpp=mpp, tile_size=tile_size, halo=halo,
+        batch_size=batch_size, readers=readers, workers=workers,
+    )
+    typer.echo(f"\n{'slide':<32} {'status':<8} {'nuclei':>8} {'tissue mm2':>10} {'time s':>8}  reason")
+    for r in report["slides"]:
+        tissue = "-" if r.get("tissue_mm2") is None else f"{r['tissue_mm2']:.2f}"
+        nuclei = "-" if r.get("nuclei") is None else str(r["nuclei"])
+        typer.echo(f"{r['slide_id']:<32} {r['status']:<8} {nuclei:>8} {tissue:>10} {r['seconds']:>8.1f}  {r['reason'] or ''}")
+    typer.echo(f"batch report: {report['report']}")
+    raise typer.Exit(1 if report["failed"] else 0)

@@ -168,6 +168,17 @@ class OmeZarrWriter:
                 raise ValueError(f"array of shape {np.shape(data)} does not fit core {(x0, y0, x1, y1)}")
             arr[y0:y1, x0:x1] = convert(data)
 
+    # ChunkStore (pipeline.stitching): whole-chunk reads and writes from the one main process.
+    def read_labels(self, box: Any) -> np.ndarray:
+        """Level-0 labels of a chunk-aligned box (h, w) int32."""
+        return np.asarray(self.labels[0][box.y0 : box.y1, box.x0 : box.x1])
+
+    def write_labels(self, box: Any, labels: np.ndarray) -> None:
+        self.write_tile(box, labels, None)
+
+    def write_prob(self, box: Any, prob: np.ndarray) -> None:
+        self.write_tile(box, None, prob)
+
     def close(self, meta: Mapping[str, Any] | None = None) -> Path:
         """Build the pyramids, store ``meta``, move the store to its final name."""
         if self._done:

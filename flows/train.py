@@ -1,0 +1,80 @@
+"""Prefect flow `train-model`: train (or resume) -> evaluate on held-out data -> write the
+checkpoint and its card -> compare with the checkpoint it replaces. Logic lives in
+nucleiflow.pipeline.training / evaluation / modelcard; this module only orchestrates."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+
+from nucleiflow.models.checkpoint import load_checkpoint, save_checkpoint
+from nucleiflow.pipeline.config import load_yaml
+from nucleiflow.pipeline.evaluation import evaluate
+from nucleiflow.pipeline.inference import Predictor
+from nucleiflow.pipeline.modelcard import build_card, compare_rows
+from nucleiflow.pipeline.training import TrainConfig, train
+
+
+def read_config(path: str | Path) -> TrainConfig:
+    """Load and validate a training YAML; errors name the file."""
+    try:
+        return TrainConfig.model_validate(load_yaml(path))
+    except ValueError as e:
+        raise ValueError(f"{path}: invalid training config: {e}") from e
+
+
+def _outputs(model) -> dict[str, int]:
+    """{head: channels} from a forward pass on a tiny input."""
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.zeros(1, 3, 64, 64, device=next(model.parameters()).device))
+    return {k: int(v.shape[1]) for k, v in out.items()}
+
+
+@task(name="train")
+def train_task(cfg: TrainConfig) -> dict:
+    logger = get_run_logger()
+    return train(cfg, log=logger.info)
+
+
+@task(name="evaluate")
+def evaluate_task(model, card: dict, cfg: TrainConfig, label: str) -> dict:
+    logger = get_run_logger()
+    predictor = Predictor(model, card, device=cfg.device)
+    res = evaluate(
+        predictor, cfg.data.root, split=cfg.data.eval_split, names=cfg.data.eval_names,
+        tile_size=cfg.eval_tile_size,
+        progress=lambda name, row: logger.info(f"{label} {name}: dice {row['dice']:.3f} aji {row['aji']:.3f}"),
+    )
+    logger.info(f"{label} mean on {res['split']} ({res['n_images']} images): "
+                + ", ".join(f"{k} {v:.4f}" for k, v in res["mean"].items()))
+    return res
+
+
+@task(name="register")
+def register_task(result: dict, card: dict, out: str) -> str:
+    return str(save_checkpoint(result["model"], out, card))
+
+
+@flow(name="train-model", log_prints=True)
+def train_model(config: str) -> dict:
+    """Train the model described by the YAML at ``config``; returns the card and a comparison."""
+    cfg = read_config(config)
+    result = train_task(cfg)
+    outputs = _outputs(result["model"])
+    card = build_card(cfg, result, None, outputs)
+    new = evaluate_task(result["model"], card, cfg, "new")
+    card = build_card(cfg, result, new, outputs)
+    old = None
+    if (Path(cfg.out) / "model.json").exists():
+        old_model, old_card = load_checkpoint(cfg.out)
+        old = evaluate_task(old_model, old_card, cfg, "old")
+    path = register_task(result, card, cfg.out)
+    rows = compare_rows(old, new)
+    print(f"checkpoint written to {path}")
+    print(f"{'metric':<10} {'old':>8} {'new':>8} {'delta':>8}")
+    for r in rows:
+        print(f"{r[0]:<10} {r[1]:>8} {r[2]:>8} {r[3]:>8}")
+    return {"checkpoint": path, "metrics": new["mean"], "old_metrics": old["mean"] if old else None, "table": rows}

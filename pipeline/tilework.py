@@ -1,0 +1,129 @@
+"""Per-tile work after the model: watershed, ownership, spill fragments, polygons.
+
+Runs in post-processing worker processes, so it takes and returns plain arrays. A tile's
+window is its core plus ``halo`` px per side. A nucleus is *owned* iff its centroid lies in
+the core; owned nuclei are kept whole, including the pixels that lie in a neighbour's core
+("spills"), which the stitcher paints into that neighbour's chunk.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from nucleiflow.pipeline.polygons import nuclei_table
+from nucleiflow.pipeline.postprocess import postprocess as run_postprocess
+from nucleiflow.pipeline.tiling import Box, Tile, TilePlan
+
+
+@dataclass
+class Spill:
+    """Pixels of owned nuclei lying in grid cell ``cell``: ``labels`` (h, w) at ``box``."""
+
+    cell: tuple[int, int]
+    box: Box
+    labels: np.ndarray
+
+
+@dataclass
+class TileNuclei:
+    """What one tile contributes. Label ids are local (1..n); the stitcher offsets them.
+
+    core_labels: (core h, core w) int32 owned nuclei inside the core; prob: same shape uint8
+    (NP probability x 255); spills: owned pixels outside the core; window_labels: (W, W)
+    int32 owned nuclei on the whole window (for polygons); n: owned count; n_halo_edge: owned
+    nuclei touching the window border (halo too small); seconds: post-processing time.
+    """
+
+    tile: Tile
+    core_labels: np.ndarray
+    prob: np.ndarray
+    spills: list[Spill]
+    n: int
+    n_halo_edge: int
+    table: dict | None = None
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def owned_labels(labels: np.ndarray, core: Box) -> np.ndarray:
+    """Keep the instances whose centroid lies in ``core`` (window px), relabelled 1..n.
+
+    The centroid is the mean of pixel-centre coordinates (pixel (r, c) has centre
+    (c + 0.5, r + 0.5)); ``core`` is half-open, so exactly one of two abutting cores owns it.
+    Returns int32 (H, W); instances are numbered in order of their original label.
+    """
+    ids = np.unique(labels)
+    ids = ids[ids > 0]
+    if ids.size == 0:
+        return np.zeros(labels.shape, np.int32)
+    cy, cx = np.asarray(ndi.center_of_mass(np.ones(labels.shape), labels, ids)).reshape(-1, 2).T
+    cx, cy = cx + 0.5, cy + 0.5
+    keep = (cx >= core.x0) & (cx < core.x1) & (cy >= core.y0) & (cy < core.y1)
+    lut = np.zeros(int(labels.max()) + 1, np.int32)
+    lut[ids[keep]] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    return lut[labels]
+
+
+def touching_border(labels: np.ndarray) -> int:
+    """How many labels touch the array's outer border (int)."""
+    edge = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+    return int(np.unique(edge[edge > 0]).size)
+
+
+def split_spills(window: np.ndarray, tile: Tile, plan: TilePlan) -> list[Spill]:
+    """Owned pixels of ``window`` outside the tile's core, cut along neighbour cells."""
+    spills = []
+    for dr in (-1, 0, 1):
+        for dc in (-1, 0, 1):
+            if dr == dc == 0:
+                continue
+            row, col = tile.row + dr, tile.col + dc
+            rows, cols = plan.grid_shape
+            if not (0 <= row < rows and 0 <= col < cols):
+                continue
+            cell = plan.cell_box(row, col)
+            x0, x1 = max(cell.x0, tile.read.x0), min(cell.x1, tile.read.x1)
+            y0, y1 = max(cell.y0, tile.read.y0), min(cell.y1, tile.read.y1)
+            if x0 >= x1 or y0 >= y1:
+                continue
+            crop = window[y0 - tile.read.y0 : y1 - tile.read.y0, x0 - tile.read.x0 : x1 - tile.read.x0]
+            if crop.any():
+                spills.append(Spill((row, col), Box(x0, y0, x1, y1), crop.copy()))
+    return spills
+
+
+def own_tile(tile: Tile, labels: np.ndarray, prob: np.ndarray, plan: TilePlan) -> TileNuclei:
+    """Ownership + spills for a tile whose window instance labels are ``labels`` (W, W)."""
+    h = plan.halo
+    core_in_window = Box(h, h, h + tile.core.width, h + tile.core.height)
+    window = owned_labels(labels, core_in_window)
+    core = window[h : h + tile.core.height, h : h + tile.core.width]
+    prob_core = prob[h : h + tile.core.height, h : h + tile.core.width]
+    return TileNuclei(
+        tile=tile,
+        core_labels=np.ascontiguousarray(core),
+        prob=np.clip(np.rint(prob_core * 255), 0, 255).astype(np.uint8),
+        spills=split_spills(window, tile, plan),
+        n=int(window.max()),
+        n_halo_edge=touching_border(window),
+        extra={"window_labels": window},
+    )
+
+
+def process_tile(tile: Tile, maps: dict[str, np.ndarray], plan: TilePlan, post: dict) -> TileNuclei:
+    """Watershed the model maps of one window, then ownership, spills and the polygon table."""
+    t0 = time.perf_counter()
+    params = {k: v for k, v in post.items() if k != "method"}
+    labels = run_postprocess(maps, post.get("method", "hv"), **params)
+    res = own_tile(tile, labels, maps["prob"], plan)
+    window = res.extra.pop("window_labels")
+    res.table = nuclei_table(
+        window, maps["prob"], mpp0=plan.mpp / plan.scale, offset=(tile.read.x0, tile.read.y0),
+        scale=plan.scale, ids=1, type_prob=maps.get("type_prob"),
+        border_labels=np.unique(np.concatenate([window[0], window[-1], window[:, 0], window[:, -1]])),
+    )
+    res.seconds = time.perf_counter() - t0
+    return res
