@@ -207,3 +207,18 @@ def segment(
         typer.echo(f"{r['slide_id']:<32} {r['status']:<8} {nuclei:>8} {tissue:>10} {r['seconds']:>8.1f}  {r['reason'] or ''}")
     typer.echo(f"batch report: {report['report']}")
     raise typer.Exit(1 if report["failed"] else 0)
+
+
+@app.command("export-qupath")
+def export_qupath(
+    slide_dir: Path = typer.Argument(..., help="A slide's output folder, <out>/<slide_id>."),
+    dest: Optional[Path] = typer.Option(None, "--dest", help="GeoJSON path (default <slide_dir>/nuclei.geojson)."),
+) -> None:
+    """Nuclei as GeoJSON detections for QuPath (File > Import objects), streamed from the table."""
+    from nucleiflow.pipeline.qupath import export_slide
+
+    try:
+        path, n = export_slide(slide_dir, dest)
+    except FileNotFoundError as e:
+        fail(str(e))
+    typer.echo(f"{n} detections written to {path}")

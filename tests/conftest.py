@@ -31,3 +31,9 @@ def cmu_slide(shared_data: Path) -> Path:
 @pytest.fixture(scope="session")
 def tcga_slide(shared_data: Path) -> Path:
     return shared_data / "slides" / "tcga-cr-7395-01a-01-ts1.svs"
+
+
+@pytest.fixture(scope="session")
+def mosaic_tool(shared_data: Path) -> Path:
+    """../shared/tools/mosaic_slide.py: builds pyramidal slides with ground truth."""
+    return shared_data.parent / "tools" / "mosaic_slide.py"
