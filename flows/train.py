@@ -6,21 +6,54 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
+from pydantic import ValidationError
 
-from nucleiflow.models.checkpoint import load_checkpoint, save_checkpoint
+from nucleiflow.models.checkpoint import load_checkpoint, resolve, save_checkpoint
 from nucleiflow.pipeline.config import load_yaml
+from nucleiflow.pipeline.datasets import read_splits
 from nucleiflow.pipeline.evaluation import evaluate
 from nucleiflow.pipeline.inference import Predictor
 from nucleiflow.pipeline.modelcard import build_card, compare_rows
-from nucleiflow.pipeline.training import TrainConfig, train
+from nucleiflow.pipeline.tuning import tune_postprocess
+from nucleiflow.pipeline.training import TrainConfig, split_records, train
 
 
 def read_config(path: str | Path) -> TrainConfig:
-    """Load and validate a training YAML; errors name the file."""
+    """Load and validate a training YAML; errors name the file, on one line (the CLI's contract)."""
+    data = _load_yaml(path)
     try:
-        return TrainConfig.model_validate(load_yaml(path))
+        cfg = TrainConfig.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or '(top level)'}: {err['msg']}"
+                             for err in e.errors())
+        raise ValueError(f"{path}: invalid training config: {problems}") from e
+    # Fail before Prefect starts (and before training) on what would fail later.
+    if not (Path(cfg.data.root) / "splits.csv").is_file():
+        raise ValueError(f"{path}: data.root {cfg.data.root} has no splits.csv (relative paths start at the CWD)")
+    try:
+        split_records(cfg)
     except ValueError as e:
-        raise ValueError(f"{path}: invalid training config: {e}") from e
+        raise ValueError(f"{path}: {e}") from e
+    held_out = {r.name for r in read_splits(cfg.data.root) if r.split == cfg.data.eval_split}
+    unknown = sorted(set(cfg.data.eval_names or ()) - held_out)
+    if not held_out or unknown:
+        raise ValueError(f"{path}: data.eval_split {cfg.data.eval_split!r} of {cfg.data.root} "
+                         + (f"lacks data.eval_names {unknown}" if held_out else "has no images"))
+    if cfg.teacher is not None:
+        try:
+            resolve(cfg.teacher.model)
+        except (KeyError, FileNotFoundError) as e:
+            why = str(e).strip("'\"")  # a KeyError's str is quoted
+            raise ValueError(f"{path}: teacher.model: {why}") from e
+    return cfg
+
+
+def _load_yaml(path: str | Path) -> dict:
+    """`load_yaml`, with its (multi-line) YAML parser messages folded onto one line."""
+    try:
+        return load_yaml(path)
+    except ValueError as e:
+        raise ValueError(" ".join(str(e).split())) from e
 
 
 def _outputs(model) -> dict[str, int]:
@@ -53,6 +86,16 @@ def evaluate_task(model, card: dict, cfg: TrainConfig, label: str) -> dict:
     return res
 
 
+@task(name="tune-postprocess")
+def tune_task(model, card: dict, cfg: TrainConfig, val_names: list[str]) -> dict:
+    """Thresholds chosen on the validation images (carved from train), never on test."""
+    logger = get_run_logger()
+    best, score = tune_postprocess(Predictor(model, card, device=cfg.device), cfg.data.root, val_names,
+                                   card["postprocess"])
+    logger.info(f"post-processing tuned on {len(val_names)} validation images: {best} (AJI {score:.4f})")
+    return best
+
+
 @task(name="register")
 def register_task(result: dict, card: dict, out: str) -> str:
     return str(save_checkpoint(result["model"], out, card))
@@ -65,8 +108,12 @@ def train_model(config: str) -> dict:
     result = train_task(cfg)
     outputs = _outputs(result["model"])
     card = build_card(cfg, result, None, outputs)
+    post = card["postprocess"]
+    if cfg.tune_postprocess and result["val_names"]:
+        post = tune_task(result["model"], card, cfg, result["val_names"])
+    card = build_card(cfg, result, None, outputs, postprocess=post)
     new = evaluate_task(result["model"], card, cfg, "new")
-    card = build_card(cfg, result, new, outputs)
+    card = build_card(cfg, result, new, outputs, postprocess=post)
     old = None
     if (Path(cfg.out) / "model.json").exists():
         old_model, old_card = load_checkpoint(cfg.out)

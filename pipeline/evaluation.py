@@ -36,10 +36,15 @@ def evaluate(
     records = [r for r in read_splits(root) if r.split == split and (names is None or r.name in names)]
     if not records:
         raise ValueError(f"{root}: no images in split {split!r}" + (f" named {names}" if names else ""))
+    missing = sorted(set(names or ()) - {r.name for r in records})
+    if missing:  # else the "named held-out set" on a model card would quietly be a smaller one
+        raise ValueError(f"{root}: not in split {split!r}: {missing}")
     rows = []
     for rec in records:
-        rgb = np.array(Image.open(rec.image_path).convert("RGB"))
-        truth = np.array(Image.open(rec.label_path)).astype(np.int32)
+        with Image.open(rec.image_path) as im, Image.open(rec.label_path) as lab:
+            rgb, truth = np.array(im.convert("RGB")), np.array(lab).astype(np.int32)
+        if truth.shape != rgb.shape[:2]:
+            raise ValueError(f"{rec.label_path}: labels {truth.shape} do not match image {rgb.shape[:2]}")
         slide = ArraySlide(rgb, mpp=rec.mpp, name=rec.name)
         pred = segment_array(slide, predictor, tile_size=tile_size, halo=halo)
         scores = score_instances(truth, pred)

@@ -9,12 +9,14 @@ import torch
 from nucleiflow.models.outputs import postprocess_method
 
 
-def build_card(cfg: Any, result: dict, metrics: dict | None, outputs: dict[str, int]) -> dict:
+def build_card(cfg: Any, result: dict, metrics: dict | None, outputs: dict[str, int],
+               postprocess: dict | None = None) -> dict:
     """Card for a model trained by `training.train` with config ``cfg`` (a TrainConfig).
 
-    ``metrics`` is `evaluation.evaluate`'s result on the held-out split (or None).
+    ``metrics`` is `evaluation.evaluate`'s result on the held-out split (or None);
+    ``postprocess`` overrides the config's (e.g. thresholds tuned on validation images).
     """
-    post = dict(cfg.postprocess)
+    post = dict(postprocess if postprocess is not None else cfg.postprocess)
     post.setdefault("method", postprocess_method(outputs))
     n_params = sum(p.numel() for p in result["model"].parameters())
     card = {

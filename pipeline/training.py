@@ -74,6 +74,7 @@ class TrainConfig(BaseModel):
     train: LoopConfig = Field(default_factory=LoopConfig)
     teacher: TeacherConfig | None = None
     postprocess: dict[str, Any] = Field(default_factory=lambda: {"method": "hv"})
+    tune_postprocess: bool = Field(True, description="Choose thresholds on the validation images.")
     out: str = Field(description="Checkpoint folder to write (model.safetensors + model.json).")
     work: str = Field(description="Folder for resumable training state.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -81,7 +82,7 @@ class TrainConfig(BaseModel):
 
     def key(self) -> str:
         """Hash of everything that shapes the trained weights (not where they go)."""
-        data = self.model_dump(exclude={"out", "device", "eval_tile_size"})
+        data = self.model_dump(exclude={"out", "device", "eval_tile_size", "tune_postprocess"})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -121,6 +122,10 @@ def split_records(cfg: TrainConfig) -> tuple[list[str], list[str]]:
     """(train names, validation names), carved from the train split only."""
     records = [r for r in read_splits(cfg.data.root) if r.split == "train"]
     if cfg.data.names:
+        # A name outside the train split (a typo, or a test image) is an error, not skipped.
+        unknown = sorted(set(cfg.data.names) - {r.name for r in records})
+        if unknown:
+            raise ValueError(f"data.names not in the train split of {cfg.data.root}: {unknown}")
         records = [r for r in records if r.name in set(cfg.data.names)]
     train, val = validation_split(records, fraction=cfg.data.val_fraction, seed=cfg.train.seed)
     return [r.name for r in train], [r.name for r in val]
@@ -145,6 +150,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         teacher, tcard = load_checkpoint(cfg.teacher.model, map_location=device)
         teacher.eval().requires_grad_(False)
         log(f"teacher: {cfg.teacher.model} ({tcard.get('arch')}), alpha={cfg.teacher.alpha}")
+        if abs(float(tcard.get("mpp", cfg.mpp)) - cfg.mpp) > 1e-6:
+            # The teacher sees the student's tiles: at another scale its outputs are off.
+            log(f"warning: teacher was trained at {tcard['mpp']} um/px, the student trains at {cfg.mpp}")
         if cfg.teacher.unlabelled_slides and cfg.teacher.unlabelled_tiles:
             unlabelled = unlabelled_tiles(
                 cfg.teacher.unlabelled_slides, cfg.mpp, cfg.train.patch, cfg.teacher.unlabelled_tiles, seed=cfg.train.seed
@@ -159,7 +167,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
 
     state_path = work / "last.pt"
     start, history, best_val, best_state, bad = 0, [], math.inf, None, 0
-    elapsed = 0.0
+    elapsed, stopped = 0.0, None
     if state_path.exists():
         st = torch.load(state_path, map_location=device, weights_only=False)
         if st.get("key") == cfg.key():
@@ -170,13 +178,19 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
             torch.set_rng_state(st["torch_rng"])
             start, history, best_val, bad = st["epoch"], st["history"], st["best_val"], st["bad"]
             best_state, elapsed = st["best_state"], st.get("seconds", 0.0)
-            log(f"resuming from epoch {start} (best validation loss {best_val:.4f})")
+            stopped = st.get("stopped")
+            if unlabelled is not None and st.get("unlabelled_rng") is not None:
+                unlabelled.rng.bit_generator.state = st["unlabelled_rng"]
+            if stopped:  # early stop / time budget: a re-run must not train on past it
+                log(f"training already finished at epoch {start} ({stopped}); not training further")
+            else:
+                log(f"resuming from epoch {start} (best validation loss {best_val:.4f})")
         else:
             log(f"{state_path} belongs to another config; starting afresh")
 
     t_start = time.perf_counter() - elapsed
     epoch = start
-    for epoch in range(start, cfg.train.epochs):
+    for epoch in range(start, cfg.train.epochs if not stopped else start):
         stage = _stage(cfg, epoch)
         if stage is not None:
             model.set_stage(stage)
@@ -188,7 +202,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
             batch = _to(sampler.sample(cfg.train.batch_size), device)
             x = batch.pop("image")
             tgt = batch
-            if unlabelled is not None and step % cfg.teacher.unlabelled_every == 1:
+            # The last step of every N is unlabelled (N = 1: all of them).
+            if unlabelled is not None and step % cfg.teacher.unlabelled_every == cfg.teacher.unlabelled_every - 1:
                 x, tgt = unlabelled.sample(cfg.train.batch_size)["image"].to(device), None
             if amp:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -217,18 +232,21 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
                         "seconds": round(time.perf_counter() - t0, 2), "stage": stage})
         log(f"epoch {epoch + 1}/{cfg.train.epochs}  train {train_loss:.4f}  val {val:.4f}"
             f"{'  *' if improved else ''}  ({time.perf_counter() - t0:.1f} s)")
+        stage_change = _stage(cfg, epoch + 1) != stage
+        if bad >= cfg.train.patience and not stage_change and stage in (None, "finetune"):
+            stopped = f"early stop: no validation improvement for {bad} epochs"
+        elif cfg.train.max_minutes and time.perf_counter() - t_start > cfg.train.max_minutes * 60:
+            stopped = f"time budget of {cfg.train.max_minutes} min reached"
+        # The stop decision is saved too, so a re-run of a stopped run does not train on.
         _save_state(state_path, {
             "key": cfg.key(), "epoch": epoch + 1, "model": model.state_dict(), "opt": opt.state_dict(),
             "sched": sched.state_dict(), "sampler": sampler.get_state(), "torch_rng": torch.get_rng_state(),
+            "unlabelled_rng": unlabelled.rng.bit_generator.state if unlabelled is not None else None,
             "history": history, "best_val": best_val, "best_state": best_state, "bad": bad,
-            "seconds": time.perf_counter() - t_start,
+            "seconds": time.perf_counter() - t_start, "stopped": stopped,
         })
-        stage_change = _stage(cfg, epoch + 1) != stage
-        if bad >= cfg.train.patience and not stage_change and stage in (None, "finetune"):
-            log(f"early stop: no validation improvement for {bad} epochs")
-            break
-        if cfg.train.max_minutes and time.perf_counter() - t_start > cfg.train.max_minutes * 60:
-            log(f"time budget of {cfg.train.max_minutes} min reached")
+        if stopped:
+            log(stopped)
             break
     if best_state is not None:
         model.load_state_dict(best_state)
