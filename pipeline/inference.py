@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -86,14 +87,24 @@ def _init_reader(reader: SlideReader, stain: dict | None) -> None:
 
 
 def _read_window(args: tuple[Tile, float, int, float]) -> tuple[Tile, np.ndarray, float]:
+    """`read_window` with this reader process's slide handle."""
+    assert _READER is not None
+    return read_window(_READER, _STAIN, args)
+
+
+def read_window(
+    reader: SlideReader, stain: StainReference | None, args: tuple[Tile, float, int, float]
+) -> tuple[Tile, np.ndarray, float]:
     """Read a tile's fixed-size window (core origin - halo, tile_size + 2 halo) at the model mpp."""
     tile, scale, window, mpp = args
     t0 = time.perf_counter()
-    assert _READER is not None
     x0, y0 = tile.read.x0, tile.read.y0
-    rgb = _READER.read(int(round(x0 * scale)), int(round(y0 * scale)), window, window, mpp)
-    if _STAIN is not None:
-        rgb = normalise(rgb, _STAIN)
+    # Exact (float) level-0 origin, not rounded: model px k must sample level-0 k * scale in
+    # every tile that sees it, or neighbours see the same nucleus up to half a level-0 px
+    # apart (seams) and polygons (placed at x0 * scale) drift from the pixels they outline.
+    rgb = reader.read(x0 * scale, y0 * scale, window, window, mpp)
+    if stain is not None:
+        rgb = normalise(rgb, stain)
     return tile, rgb, time.perf_counter() - t0
 
 
@@ -117,15 +128,16 @@ def stream_tiles(
     timer = timer or StageTimer()
     window = plan.tile_size + 2 * plan.halo
     stain = (predictor.card.get("normalisation") or {}).get("stain")
+    # Inline (0 processes) binds the slide and plan to the call, not to module globals as
+    # the pools' initialisers do: two streams in threads of one process stay apart.
     read_pool = parallel.make_pool(readers, _init_reader, (reader, stain))
-    if read_pool is None:
-        _init_reader(reader, stain)
+    stain_ref = StainReference.from_dict(stain) if stain else None
+    read_fn = _read_window if read_pool is not None else partial(read_window, reader, stain_ref)
     post_pool = parallel.make_pool(workers, _init_post, (plan, postprocess))
-    if post_pool is None:
-        _init_post(plan, postprocess)
+    post_fn = _process if post_pool is not None else partial(_process_with, plan, postprocess)
     try:
         jobs = ((t, plan.scale, window, plan.mpp) for t in plan)
-        reads = parallel.ordered_map(_read_window, jobs, read_pool, window=max(2 * batch_size, 2))
+        reads = parallel.ordered_map(read_fn, jobs, read_pool, window=max(2 * batch_size, 2))
 
         def batches() -> Iterator[tuple[Tile, dict[str, np.ndarray]]]:
             buf: list[tuple[Tile, np.ndarray]] = []
@@ -146,7 +158,7 @@ def stream_tiles(
                 yield tile, {k: v[i] for k, v in maps.items()}
 
         jobs2 = batches()
-        results = parallel.ordered_map(_process, jobs2, post_pool, window=max(2 * batch_size, 2))
+        results = parallel.ordered_map(post_fn, jobs2, post_pool, window=max(2 * batch_size, 2))
         for res in results:
             timer.add("postprocess", res.seconds)
             yield res
@@ -167,6 +179,10 @@ def _init_post(plan: TilePlan, post: dict) -> None:
 
 
 def _process(args: tuple[Tile, dict[str, np.ndarray]]) -> TileNuclei:
-    tile, maps = args
     assert _PLAN is not None
-    return process_tile(tile, maps, _PLAN, _POST)
+    return _process_with(_PLAN, _POST, args)
+
+
+def _process_with(plan: TilePlan, post: dict, args: tuple[Tile, dict[str, np.ndarray]]) -> TileNuclei:
+    tile, maps = args
+    return process_tile(tile, maps, plan, post)

@@ -21,6 +21,7 @@ from nucleiflow.pipeline.inference import Predictor
 from nucleiflow.pipeline.manifest import SlideJob
 from nucleiflow.pipeline.segment import segment_reader
 from nucleiflow.pipeline.slides import open_slide
+from nucleiflow.pipeline.tilework import empty_tile_table
 from nucleiflow.pipeline.tiling import plan_tiles
 from nucleiflow.pipeline.tissue import detect_tissue, overlay_png
 from nucleiflow.pipeline.writers import open_slide_writers, slide_paths, write_json_atomic
@@ -67,6 +68,7 @@ def segment_slide(
     Raises SlideError (bad slide) or OSError (output) after removing partial outputs.
     """
     out = Path(out)
+    log = log or (lambda msg: None)  # None = quiet (on_tile below already allowed it)
     t0 = time.perf_counter()
     card = predictor.card
     with open_slide(job.path, mpp=job.mpp or cfg.mpp) as reader:
@@ -102,7 +104,7 @@ def segment_slide(
                 table = dict(tn.table)
                 table["nucleus_id"] = table["nucleus_id"] + offset
                 table_writer.write(table)
-                if log is not None and (tn.tile.index + 1) % 10 == 0:
+                if (tn.tile.index + 1) % 10 == 0:
                     log(f"{job.slide_id}: {tn.tile.index + 1}/{len(plan)} tiles")
 
             t = time.perf_counter()
@@ -111,13 +113,24 @@ def segment_slide(
                 workers=cfg.workers, on_tile=on_tile,
             )
             timings["stream"] = time.perf_counter() - t
+            if stats.tiles == 0:
+                # No tile wrote a table: give the file the columns every other slide's has.
+                # pyarrow, geopandas and DuckDB take a batch's schema from its first file and
+                # silently drop columns missing there (touches_halo_edge, class_*).
+                table_writer.write(empty_tile_table(classes="tp" in (card.get("outputs") or {})))
+            overlay_png(reader, tissue, plan, paths["run_json"].parent / "overlay.png")
             t = time.perf_counter()
             writers.close({"nuclei": stats.nuclei})
             timings["write_close"] = time.perf_counter() - t
         except BaseException:
             writers.abort()
+            # A writer that closed before another one failed has renamed its output already
+            # (the table closes before the masks): remove it, so a failed slide leaves nothing
+            # under a final name for a batch read to pick up. clean_partial removed any older
+            # outputs of this slide before this run began, so these are this run's.
+            paths["parquet"].unlink(missing_ok=True)
+            shutil.rmtree(paths["zarr"], ignore_errors=True)
             raise
-        overlay_png(reader, tissue, plan, paths["run_json"].parent / "overlay.png")
     if stats.halo_edge_nuclei:
         warnings.warn(f"{job.slide_id}: {stats.halo_edge_nuclei} nuclei touch the halo edge; "
                       f"the halo ({cfg.halo} px) may be too small for them", stacklevel=2)

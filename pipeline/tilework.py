@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage as ndi
 
-from nucleiflow.pipeline.polygons import nuclei_table
+from nucleiflow.pipeline.polygons import empty_table, nuclei_table
 from nucleiflow.pipeline.postprocess import postprocess as run_postprocess
 from nucleiflow.pipeline.tiling import Box, Tile, TilePlan
 
@@ -74,19 +74,29 @@ def touching_border(labels: np.ndarray) -> int:
 
 
 def split_spills(window: np.ndarray, tile: Tile, plan: TilePlan) -> list[Spill]:
-    """Owned pixels of ``window`` outside the tile's core, cut along neighbour cells."""
+    """Owned pixels of ``window`` outside the tile's core, cut along the grid cells they fall in.
+
+    ``window`` (W, W) starts at the read box's origin. Every cell the window covers is
+    visited, not only the 8 neighbours of the core and not only the read box: a small core
+    (slide edge, shifted grid) has a window reaching past its read box, and a halo larger than
+    a cell reaches two cells away. Pixels the polygon table holds all reach the raster.
+    """
+    x0w, y0w = tile.read.x0, tile.read.y0
+    x1w, y1w = min(x0w + window.shape[1], plan.width), min(y0w + window.shape[0], plan.height)
+    x0w, y0w = max(x0w, 0), max(y0w, 0)
+    if x0w >= x1w or y0w >= y1w:
+        return []
+    rows, cols = plan.grid_shape
+    r0, c0 = plan.cell_of(x0w, y0w)
+    r1, c1 = plan.cell_of(x1w - 1, y1w - 1)
     spills = []
-    for dr in (-1, 0, 1):
-        for dc in (-1, 0, 1):
-            if dr == dc == 0:
-                continue
-            row, col = tile.row + dr, tile.col + dc
-            rows, cols = plan.grid_shape
-            if not (0 <= row < rows and 0 <= col < cols):
+    for row in range(max(r0, 0), min(r1, rows - 1) + 1):
+        for col in range(max(c0, 0), min(c1, cols - 1) + 1):
+            if (row, col) == (tile.row, tile.col):
                 continue
             cell = plan.cell_box(row, col)
-            x0, x1 = max(cell.x0, tile.read.x0), min(cell.x1, tile.read.x1)
-            y0, y1 = max(cell.y0, tile.read.y0), min(cell.y1, tile.read.y1)
+            x0, x1 = max(cell.x0, x0w), min(cell.x1, x1w)
+            y0, y1 = max(cell.y0, y0w), min(cell.y1, y1w)
             if x0 >= x1 or y0 >= y1:
                 continue
             crop = window[y0 - tile.read.y0 : y1 - tile.read.y0, x0 - tile.read.x0 : x1 - tile.read.x0]
@@ -95,11 +105,30 @@ def split_spills(window: np.ndarray, tile: Tile, plan: TilePlan) -> list[Spill]:
     return spills
 
 
+def inside_slide(labels: np.ndarray, tile: Tile, plan: TilePlan) -> np.ndarray:
+    """``labels`` (window) with the pixels past the slide's edges set to 0 (a copy if any are).
+
+    Nothing exists outside the slide: a model may still paint blobs on the white glass that
+    readers return there. Clipped, a nucleus' table row (area, centroid, polygon) describes
+    exactly the pixels the label raster, which ends at the slide's edge, can hold.
+    """
+    x0, y0 = tile.read.x0, tile.read.y0
+    h, w = labels.shape
+    cx0, cy0 = max(0, -x0), max(0, -y0)
+    cx1, cy1 = min(w, plan.width - x0), min(h, plan.height - y0)
+    if (cx0, cy0, cx1, cy1) == (0, 0, w, h):
+        return labels
+    out = np.zeros_like(labels)
+    if cx0 < cx1 and cy0 < cy1:
+        out[cy0:cy1, cx0:cx1] = labels[cy0:cy1, cx0:cx1]
+    return out
+
+
 def own_tile(tile: Tile, labels: np.ndarray, prob: np.ndarray, plan: TilePlan) -> TileNuclei:
     """Ownership + spills for a tile whose window instance labels are ``labels`` (W, W)."""
     h = plan.halo
     core_in_window = Box(h, h, h + tile.core.width, h + tile.core.height)
-    window = owned_labels(labels, core_in_window)
+    window = owned_labels(inside_slide(labels, tile, plan), core_in_window)
     core = window[h : h + tile.core.height, h : h + tile.core.width]
     prob_core = prob[h : h + tile.core.height, h : h + tile.core.width]
     return TileNuclei(
@@ -111,6 +140,12 @@ def own_tile(tile: Tile, labels: np.ndarray, prob: np.ndarray, plan: TilePlan) -
         n_halo_edge=touching_border(window),
         extra={"window_labels": window},
     )
+
+
+def empty_tile_table(classes: bool = False) -> dict:
+    """A no-row table with exactly the columns ``process_tile`` gives (for a slide with no
+    tiles: its file must have the batch's schema, or readers of the batch drop columns)."""
+    return empty_table(classes=classes, border=True)
 
 
 def process_tile(tile: Tile, maps: dict[str, np.ndarray], plan: TilePlan, post: dict) -> TileNuclei:
