@@ -8,12 +8,12 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from pydantic import ValidationError
 
-from nucleiflow.models.checkpoint import load_checkpoint, resolve, save_checkpoint
+from nucleiflow.models.checkpoint import load_checkpoint, resolve, save_checkpoint, storage_roundtrip
 from nucleiflow.pipeline.config import load_yaml
 from nucleiflow.pipeline.datasets import read_splits
 from nucleiflow.pipeline.evaluation import evaluate
 from nucleiflow.pipeline.inference import Predictor
-from nucleiflow.pipeline.modelcard import build_card, compare_rows
+from nucleiflow.pipeline.modelcard import build_card, compare_rows, render_markdown
 from nucleiflow.pipeline.tuning import tune_postprocess
 from nucleiflow.pipeline.training import TrainConfig, split_records, train
 
@@ -98,7 +98,9 @@ def tune_task(model, card: dict, cfg: TrainConfig, val_names: list[str]) -> dict
 
 @task(name="register")
 def register_task(result: dict, card: dict, out: str) -> str:
-    return str(save_checkpoint(result["model"], out, card))
+    folder = save_checkpoint(result["model"], out, card)
+    (folder / "README.md").write_text(render_markdown(card))
+    return str(folder)
 
 
 @flow(name="train-model", log_prints=True)
@@ -106,6 +108,7 @@ def train_model(config: str) -> dict:
     """Train the model described by the YAML at ``config``; returns the card and a comparison."""
     cfg = read_config(config)
     result = train_task(cfg)
+    storage_roundtrip(result["model"])  # evaluate exactly the weights that get stored
     outputs = _outputs(result["model"])
     card = build_card(cfg, result, None, outputs)
     post = card["postprocess"]

@@ -24,6 +24,19 @@ from .registry import MODELS, create_model
 WEIGHTS, CARD = "model.safetensors", "model.json"
 REQUIRED = ("arch", "kwargs", "mpp")
 BUNDLED = Path(__file__).resolve().parent / "checkpoints"
+# Weights are stored in float16: half the size (bundled checkpoints stay a few MB), and
+# inference runs in float32 (or AMP) after loading. `storage_roundtrip` lets a trainer
+# evaluate exactly the weights it is about to store.
+STORAGE_DTYPE = torch.float16
+
+
+def storage_roundtrip(model: nn.Module) -> nn.Module:
+    """Round `model`'s floating-point parameters and buffers to STORAGE_DTYPE, in place."""
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.is_floating_point():
+                t.copy_(t.to(STORAGE_DTYPE).to(t.dtype))
+    return model
 
 
 def _replace_atomically(path: Path, write) -> None:
@@ -55,12 +68,15 @@ def save_checkpoint(model: nn.Module, folder: str | os.PathLike, card: dict[str,
         card.setdefault("outputs", dict(model.outputs))
         card.setdefault("postprocess", {"method": postprocess_method(model.outputs)})
     text = json.dumps(card, indent=2)  # fails before anything is written if not JSON
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    state = {k: (v.to(STORAGE_DTYPE) if v.is_floating_point() else v).detach().to("cpu").contiguous()
+             for k, v in model.state_dict().items()}
     # Remove the old card first: weights and card never disagree under a present card.
     (folder / CARD).unlink(missing_ok=True)
     _replace_atomically(folder / WEIGHTS,
                         lambda p: save_file(state, str(p), metadata={"arch": card["arch"]}))
     _replace_atomically(folder / CARD, lambda p: p.write_text(text + "\n"))
+    for name in (WEIGHTS, CARD):  # temp files are private (0600); the checkpoint is not
+        (folder / name).chmod(0o644)
     return folder
 
 

@@ -68,3 +68,39 @@ def compare_rows(old: dict | None, new: dict) -> list[tuple[str, str, str, str]]
         o = old["mean"].get(k) if old else None
         rows.append((k, "-" if o is None else f"{o:.4f}", f"{v:.4f}", "-" if o is None else f"{v - o:+.4f}"))
     return rows
+
+
+def render_markdown(card: dict) -> str:
+    """A human-readable model card (README.md beside model.json), from the card itself."""
+    m = card.get("metrics") or {}
+    t = card.get("training") or {}
+    d = card.get("data") or {}
+    lines = [
+        f"# {card.get('name')} ({card.get('arch')})", "",
+        f"Produced by `nucleiflow train` (flow `train-model`); `model.json` is the machine-readable card.", "",
+        f"- architecture: `{card.get('arch')}` with `{json_dumps(card.get('kwargs'))}`, "
+        f"{card.get('parameters', 0):,} parameters, outputs `{json_dumps(card.get('outputs'))}`",
+        f"- input: {card.get('input', 'RGB / 255')} at **{card.get('mpp')} um/px**; stain normalisation: "
+        f"{'Macenko to a stored reference' if (card.get('normalisation') or {}).get('stain') else 'none'}",
+        f"- post-processing: `{json_dumps(card.get('postprocess'))}` (thresholds chosen on the validation images)",
+        f"- trained on: `{d.get('root')}`, {len(d.get('train') or [])} train images, "
+        f"{len(d.get('validation') or [])} validation images carved from the train split",
+        f"- training: {t.get('epochs')} epochs, {t.get('seconds')} s on {t.get('hardware')} ({t.get('device')}), "
+        f"torch {t.get('torch')}, {t.get('date')}",
+    ]
+    if t.get("teacher"):
+        lines.append(f"- distilled from `{t['teacher'].get('model')}` (alpha {t['teacher'].get('alpha')}, "
+                     f"T {t['teacher'].get('temperature')}), unlabelled slides {t['teacher'].get('unlabelled_slides')}")
+    if m:
+        lines += ["", f"## Held-out metrics: split `{m.get('split')}` ({m.get('n_images')} images)", "",
+                  "| " + " | ".join(m["mean"]) + " |", "|" + "---|" * len(m["mean"]),
+                  "| " + " | ".join(f"{v:.4f}" for v in m["mean"].values()) + " |", "",
+                  "Reproduce: `nucleiflow evaluate --model <this folder or name> --data <root> "
+                  f"--split {m.get('split')}`."]
+    return "\n".join(lines) + "\n"
+
+
+def json_dumps(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, sort_keys=True)

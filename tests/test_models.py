@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nucleiflow.models import checkpoint
-from nucleiflow.models.checkpoint import list_checkpoints, load_checkpoint, model_hash, save_checkpoint
+from nucleiflow.models.checkpoint import list_checkpoints, load_checkpoint, model_hash, save_checkpoint, storage_roundtrip
 from nucleiflow.models.enhancement import Enhancement, TwoStage
 from nucleiflow.models.golo import GoLo, from_crops, to_crops
 from nucleiflow.models.outputs import postprocess_method, to_maps
@@ -87,9 +87,14 @@ def test_save_load_gives_identical_outputs(case, tmp_path):
         model(x)  # moves BatchNorm running statistics off their defaults
     model.eval()
     with torch.no_grad():
+        unrounded = model(x)
+    storage_roundtrip(model)  # checkpoints store float16: what is stored is what comes back
+    with torch.no_grad():
         before = model(x)
+    assert any(not torch.equal(unrounded[k], before[k]) for k in before), "weights were rounded"
     folder = save_checkpoint(model, tmp_path / "ckpt", {"arch": arch, "kwargs": kwargs, "mpp": 0.5})
     assert sorted(p.name for p in folder.iterdir()) == ["model.json", "model.safetensors"]
+    assert oct((folder / "model.safetensors").stat().st_mode & 0o777) == "0o644"
     for where in (folder, folder / "model.json", str(folder)):
         loaded, card = load_checkpoint(where)
         assert not loaded.training
