@@ -19,9 +19,10 @@ import torch
 from nucleiflow.models.outputs import to_maps
 from nucleiflow.pipeline import parallel
 from nucleiflow.pipeline.slides import SlideReader
-from nucleiflow.pipeline.stain import StainReference, normalise
+from nucleiflow.pipeline.stain import StainReference
 from nucleiflow.pipeline.tiling import Tile, TilePlan
-from nucleiflow.pipeline.tilework import TileNuclei, process_tile
+from nucleiflow.pipeline.tilework import TileNuclei
+from nucleiflow.pipeline.tileworkers import _init_post, _init_reader, _process, _process_with, _read_window, read_window
 
 
 def pick_device(device: str) -> torch.device:
@@ -73,39 +74,6 @@ class StageTimer:
 
     def add(self, stage: str, dt: float) -> None:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + dt
-
-
-# -- reader side (runs in reader processes) -------------------------------------------
-_READER: SlideReader | None = None
-_STAIN: StainReference | None = None
-
-
-def _init_reader(reader: SlideReader, stain: dict | None) -> None:
-    global _READER, _STAIN
-    _READER = reader
-    _STAIN = StainReference.from_dict(stain) if stain else None
-
-
-def _read_window(args: tuple[Tile, float, int, float]) -> tuple[Tile, np.ndarray, float]:
-    """`read_window` with this reader process's slide handle."""
-    assert _READER is not None
-    return read_window(_READER, _STAIN, args)
-
-
-def read_window(
-    reader: SlideReader, stain: StainReference | None, args: tuple[Tile, float, int, float]
-) -> tuple[Tile, np.ndarray, float]:
-    """Read a tile's fixed-size window (core origin - halo, tile_size + 2 halo) at the model mpp."""
-    tile, scale, window, mpp = args
-    t0 = time.perf_counter()
-    x0, y0 = tile.read.x0, tile.read.y0
-    # Exact (float) level-0 origin, not rounded: model px k must sample level-0 k * scale in
-    # every tile that sees it, or neighbours see the same nucleus up to half a level-0 px
-    # apart (seams) and polygons (placed at x0 * scale) drift from the pixels they outline.
-    rgb = reader.read(x0 * scale, y0 * scale, window, window, mpp)
-    if stain is not None:
-        rgb = normalise(rgb, stain)
-    return tile, rgb, time.perf_counter() - t0
 
 
 def stream_tiles(
@@ -166,23 +134,3 @@ def stream_tiles(
         for pool in (read_pool, post_pool):
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
-
-
-# -- post-processing side (runs in worker processes) -----------------------------------
-_PLAN: TilePlan | None = None
-_POST: dict = {}
-
-
-def _init_post(plan: TilePlan, post: dict) -> None:
-    global _PLAN, _POST
-    _PLAN, _POST = plan, post
-
-
-def _process(args: tuple[Tile, dict[str, np.ndarray]]) -> TileNuclei:
-    assert _PLAN is not None
-    return _process_with(_PLAN, _POST, args)
-
-
-def _process_with(plan: TilePlan, post: dict, args: tuple[Tile, dict[str, np.ndarray]]) -> TileNuclei:
-    tile, maps = args
-    return process_tile(tile, maps, plan, post)

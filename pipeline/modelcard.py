@@ -77,7 +77,7 @@ def render_markdown(card: dict) -> str:
     d = card.get("data") or {}
     lines = [
         f"# {card.get('name')} ({card.get('arch')})", "",
-        f"Produced by `nucleiflow train` (flow `train-model`); `model.json` is the machine-readable card.", "",
+        "Produced by `nucleiflow train` (flow `train-model`); `model.json` is the machine-readable card.", "",
         f"- architecture: `{card.get('arch')}` with `{json_dumps(card.get('kwargs'))}`, "
         f"{card.get('parameters', 0):,} parameters, outputs `{json_dumps(card.get('outputs'))}`",
         f"- input: {card.get('input', 'RGB / 255')} at **{card.get('mpp')} um/px**; stain normalisation: "

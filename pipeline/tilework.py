@@ -11,9 +11,8 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import ndimage as ndi
 
-from nucleiflow.pipeline.polygons import empty_table, nuclei_table
+from nucleiflow.pipeline.polygons import empty_table, nuclei_table, ownership, relabel, touches_border
 from nucleiflow.pipeline.postprocess import postprocess as run_postprocess
 from nucleiflow.pipeline.tiling import Box, Tile, TilePlan
 
@@ -51,26 +50,11 @@ class TileNuclei:
 def owned_labels(labels: np.ndarray, core: Box) -> np.ndarray:
     """Keep the instances whose centroid lies in ``core`` (window px), relabelled 1..n.
 
-    The centroid is the mean of pixel-centre coordinates (pixel (r, c) has centre
-    (c + 0.5, r + 0.5)); ``core`` is half-open, so exactly one of two abutting cores owns it.
-    Returns int32 (H, W); instances are numbered in order of their original label.
+    The rule is `polygons.ownership` (mean pixel centre in the half-open core, decided in
+    exact integers), so exactly one of two abutting cores owns each nucleus. Returns int32
+    (H, W); instances are numbered in order of their original label.
     """
-    ids = np.unique(labels)
-    ids = ids[ids > 0]
-    if ids.size == 0:
-        return np.zeros(labels.shape, np.int32)
-    cy, cx = np.asarray(ndi.center_of_mass(np.ones(labels.shape), labels, ids)).reshape(-1, 2).T
-    cx, cy = cx + 0.5, cy + 0.5
-    keep = (cx >= core.x0) & (cx < core.x1) & (cy >= core.y0) & (cy < core.y1)
-    lut = np.zeros(int(labels.max()) + 1, np.int32)
-    lut[ids[keep]] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
-    return lut[labels]
-
-
-def touching_border(labels: np.ndarray) -> int:
-    """How many labels touch the array's outer border (int)."""
-    edge = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
-    return int(np.unique(edge[edge > 0]).size)
+    return relabel(labels, ownership(labels, core), 1)
 
 
 def split_spills(window: np.ndarray, tile: Tile, plan: TilePlan) -> list[Spill]:
@@ -137,7 +121,7 @@ def own_tile(tile: Tile, labels: np.ndarray, prob: np.ndarray, plan: TilePlan) -
         prob=np.clip(np.rint(prob_core * 255), 0, 255).astype(np.uint8),
         spills=split_spills(window, tile, plan),
         n=int(window.max()),
-        n_halo_edge=touching_border(window),
+        n_halo_edge=int(touches_border(window).size),
         extra={"window_labels": window},
     )
 
@@ -158,7 +142,7 @@ def process_tile(tile: Tile, maps: dict[str, np.ndarray], plan: TilePlan, post: 
     res.table = nuclei_table(
         window, maps["prob"], mpp0=plan.mpp / plan.scale, offset=(tile.read.x0, tile.read.y0),
         scale=plan.scale, ids=1, type_prob=maps.get("type_prob"),
-        border_labels=np.unique(np.concatenate([window[0], window[-1], window[:, 0], window[:, -1]])),
+        border_labels=touches_border(window),
     )
     res.seconds = time.perf_counter() - t0
     return res

@@ -128,6 +128,9 @@ class TilePlan:
         return sum(t.core.area for t in self.tiles)
 
 
+SNAP_TOL = 0.01  # relative: a model mpp this close to an integer multiple of the slide's snaps to it
+
+
 def _n_cells(length: int, size: int, origin: int) -> int:
     return math.ceil((length - origin) / size) + (1 if origin else 0)
 
@@ -164,7 +167,8 @@ def plan_tiles(
 
     Args:
         width0, height0: slide size in level-0 pixels; ``mpp0``: its level-0 um/px.
-        mpp: the model's um/px. tile_size: core edge in model px (> 0). halo: context per
+        mpp: the model's um/px; within 1% of an integer multiple of ``mpp0`` it snaps to that
+            multiple (``TilePlan.mpp`` is the mpp actually used). tile_size: core edge in model px (> 0). halo: context per
             side in model px (>= 0).
         tissue: optional bool mask (h, w) at ``tissue_mpp`` um/px, aligned to the slide's
             origin. Cores without a single tissue pixel are not planned. None plans all.
@@ -179,6 +183,11 @@ def plan_tiles(
     if tissue is not None and tissue_mpp is None:
         raise ValueError("tissue_mpp is required with a tissue mask")
     scale = mpp / mpp0
+    snapped = round(scale)
+    if snapped >= 1 and abs(scale - snapped) <= SNAP_TOL * scale:
+        # 0.499 vs 0.5 um/px: run the model at the slide's own grid (or an exact 2x, 4x ...)
+        # rather than resample by 0.2%, which would shift pixels by up to a few px per tile.
+        scale, mpp = float(snapped), mpp0 * snapped
     width, height = math.ceil(width0 / scale), math.ceil(height0 / scale)
     xs, ys = _edges(width, tile_size, origin[0]), _edges(height, tile_size, origin[1])
     factor = (tissue_mpp / mpp) if tissue is not None else 1.0

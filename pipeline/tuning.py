@@ -18,6 +18,7 @@ from nucleiflow.pipeline.metrics import aji
 from nucleiflow.pipeline.postprocess import postprocess
 from nucleiflow.pipeline.segment import resample_nearest
 from nucleiflow.pipeline.slides import ArraySlide
+from nucleiflow.pipeline.tiling import plan_tiles
 
 GRIDS: dict[str, dict[str, Sequence[float]]] = {
     "hv": {"prob_threshold": (0.4, 0.5, 0.6), "marker_threshold": (0.3, 0.4, 0.5, 0.6)},
@@ -29,10 +30,10 @@ GRIDS: dict[str, dict[str, Sequence[float]]] = {
 def _maps(predictor: Predictor, rgb: np.ndarray, mpp: float, pad: int = 64) -> tuple[dict, float, tuple]:
     """Model maps of a whole image at the model's mpp, with ``pad`` px of white context."""
     slide = ArraySlide(rgb, mpp=mpp)
-    scale = predictor.card["mpp"] / mpp
-    h, w = int(np.ceil(rgb.shape[0] / scale)), int(np.ceil(rgb.shape[1] / scale))
+    plan = plan_tiles(rgb.shape[1], rgb.shape[0], mpp, predictor.card["mpp"])  # same mpp snapping as tiles
+    scale, h, w = plan.scale, plan.height, plan.width
     side = int(np.ceil((max(h, w) + 2 * pad) / 32) * 32)
-    window = slide.read(int(round(-pad * scale)), int(round(-pad * scale)), side, side, predictor.card["mpp"])
+    window = slide.read(-pad * scale, -pad * scale, side, side, plan.mpp)
     maps = {k: v[0] for k, v in predictor(window[None]).items()}
     crop = (slice(pad, pad + h), slice(pad, pad + w))
     return {k: (v[crop] if v.ndim == 2 else v[(slice(None), *crop)]) for k, v in maps.items()}, scale, rgb.shape[:2]

@@ -98,3 +98,13 @@ def test_bad_arguments_raise(kwargs):
     args.update(kwargs)
     with pytest.raises(ValueError):
         plan_tiles(**args)
+
+
+def test_model_mpp_snaps_to_the_slide_grid_when_within_one_percent():
+    # CMU-1 is 0.499 um/px; a 0.5 um/px model runs on its own pixels, not a 0.2% resample.
+    plan = plan_tiles(2220, 2967, 0.499, 0.5, tile_size=1024)
+    assert (plan.scale, plan.mpp, plan.width) == (1.0, 0.499, 2220)
+    plan = plan_tiles(4000, 4000, 0.2497, 0.5, tile_size=1024)
+    assert plan.scale == 2.0 and plan.mpp == pytest.approx(0.4994)
+    plan = plan_tiles(4000, 4000, 0.3, 0.5, tile_size=1024)  # 1.67x: no snapping
+    assert plan.scale == pytest.approx(0.5 / 0.3) and plan.mpp == 0.5
