@@ -1,26 +1,55 @@
 """Prefect flow `segment-slides`: one task per slide; the flow only orchestrates.
 
+* Bad input never takes the batch down: a slide that cannot be read or written fails its
+  own task (a Prefect ``Failed`` task run) with a one-line reason; the others go on.
+  Problems that would fail every slide fail the flow at once, before any slide: an unknown
+  model, an output folder that cannot be written.
+* A batch with failed slides still finishes: the report is written, the summary drawn,
+  and the flow run ends in a ``Failed`` state named "CompletedWithFailures" whose message
+  names the failed slides (its data is the report). Failed, not Completed: alerts,
+  automations and ``prefect deployment run --watch`` key on the state type.
+* Slides are claimed (``pipeline.claims``): two batches on one output folder share the work
+  and report the other's slides as "busy".
+* ``dask_address`` (or ``segment_slides.with_options(task_runner=DaskTaskRunner(...))``)
+  runs the slide tasks on a Dask cluster, one slide per Dask worker thread.
+
 The model is loaded once per process (not passed through Prefect, which would try to hash
-it); a bad slide fails its own task with a one-line reason and the batch goes on. The
-batch report lands in ``<out>/batch-<timestamp>.json``.
+it). The batch report lands in ``<out>/batch-<timestamp>-<flow run>.json``, the morning-after
+summary in ``<out>/summary.csv`` and ``<out>/summary.png``.
 """
 from __future__ import annotations
 
 import datetime as dt
+import errno
+import multiprocessing as mp
+import os
+import socket
+import tempfile
 import time
+from contextlib import nullcontext
 from functools import lru_cache
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
+from prefect.states import Completed, Failed, State
 
-from nucleiflow.models.checkpoint import load_checkpoint, model_hash, resolve
+from nucleiflow.models.checkpoint import CARD, WEIGHTS, load_checkpoint, model_hash, resolve
 from nucleiflow.pipeline.config import SegmentConfig
 from nucleiflow.pipeline.inference import Predictor
 from nucleiflow.pipeline.manifest import SlideJob, expand_slides
 from nucleiflow.pipeline.slidejob import segment_slide
 from nucleiflow.pipeline.slides import SlideError
+from nucleiflow.pipeline.summary import write_summary
 from nucleiflow.pipeline.writers import write_json_atomic
+
+STATUSES = ("done", "skipped", "busy", "failed")
+MESSAGE_SLIDES = 10  # failed slides named in the flow run's state message (all are in the report)
+
+
+class OutputNotWritable(OSError):
+    """The batch's output folder cannot be written: no slide could be."""
 
 
 @lru_cache(maxsize=2)
@@ -30,26 +59,138 @@ def _predictor(model: str, device: str) -> tuple[Predictor, str]:
 
 
 def check_model(model: str) -> None:
-    """Fail fast, before any slide, when the model cannot be found."""
-    resolve(model)
+    """Fail fast, before any slide, when the model cannot be found (KeyError / FileNotFoundError)."""
+    folder = resolve(model)
+    missing = [n for n in (CARD, WEIGHTS) if not (folder / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder} is not a checkpoint: missing {', '.join(missing)}")
 
 
-@task(name="segment-slide", cache_policy=NO_CACHE, retries=0)
-def segment_slide_task(job: SlideJob, out: str, cfg: SegmentConfig) -> dict:
-    logger = get_run_logger()
-    predictor, mhash = _predictor(cfg.model, cfg.device)
-    t0 = time.perf_counter()
+def check_output(out: str | os.PathLike) -> Path:
+    """Create ``out`` and prove a file can be written in it; OutputNotWritable otherwise."""
+    out = Path(out)
     try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputNotWritable(f"{out}: output folder is not writable ({e.strerror or e}); "
+                                "pick another --out or fix its permissions") from None
+    return out
+
+
+def failure_reason(e: BaseException) -> str:
+    """One line saying what went wrong with a slide, and what to do where we know."""
+    text = " ".join(str(e).split())
+    if isinstance(e, SlideError):
+        return text
+    if isinstance(e, OSError):
+        where = f" {e.filename}" if e.filename else ""
+        if e.errno == errno.ENOSPC or "No space left" in text:
+            return f"disk full while writing{where}: free space on the output disk and re-run"
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            return f"cannot write{where}: {e.strerror}; make the output folder writable"
+        return f"I/O error{where}: {e.strerror or text}"
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _worker() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@task(name="segment-slide", task_run_name="segment-{job.slide_id}", cache_policy=NO_CACHE, retries=0)
+def segment_slide_task(job: SlideJob, out: str, cfg: SegmentConfig) -> State:
+    """One slide -> a report row (the state's data): Completed (done, or named Skipped /
+    Busy) or Failed with the one-line reason as its message."""
+    logger = get_run_logger()
+    t0 = time.perf_counter()
+    row = {"slide_id": job.slide_id, "path": job.path, "status": "failed", "reason": None, "nuclei": None,
+           "tissue_mm2": None, "seconds": None, "worker": _worker()}
+    try:
+        if mp.current_process().daemon:
+            # Daemonic processes (Dask's default workers) may not start children: read and
+            # post-process in this process. Only speed changes (these are not in the key).
+            cfg = cfg.model_copy(update={"readers": 0, "workers": 0})
+        predictor, mhash = _predictor(cfg.model, cfg.device)
         rec = segment_slide(job, out, cfg, predictor, mhash, log=logger.info)
-    except (SlideError, OSError, ValueError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        logger.error(f"{job.slide_id}: failed: {reason}")
-        return {"slide_id": job.slide_id, "path": job.path, "status": "failed", "reason": reason,
-                "nuclei": None, "seconds": round(time.perf_counter() - t0, 2)}
-    logger.info(f"{job.slide_id}: {rec['status']}, {rec.get('nuclei', '-')} nuclei")
-    return {"slide_id": job.slide_id, "path": job.path, "status": rec["status"], "reason": None,
-            "nuclei": rec.get("nuclei"), "tissue_mm2": rec.get("tissue_mm2"),
-            "seconds": round(time.perf_counter() - t0, 2)}
+    except Exception as e:  # any slide's failure is that slide's, never the batch's
+        row.update(reason=failure_reason(e), seconds=round(time.perf_counter() - t0, 2))
+        if isinstance(e, SlideError | OSError):
+            logger.error(f"{job.slide_id}: failed: {row['reason']}")
+        else:  # not an input problem we know: keep the traceback for whoever debugs it
+            logger.exception(f"{job.slide_id}: failed: {row['reason']}")
+        return Failed(message=f"{job.slide_id}: {row['reason']}", data=row)
+    row.update(status=rec["status"], reason=rec.get("reason"), nuclei=rec.get("nuclei"),
+               tissue_mm2=rec.get("tissue_mm2"), seconds=round(time.perf_counter() - t0, 2))
+    logger.info(f"{job.slide_id}: {rec['status']}" + (f", {rec['nuclei']} nuclei" if "nuclei" in rec else ""))
+    if rec["status"] == "done":
+        return Completed(data=row)
+    return Completed(name=rec["status"].capitalize(), message=row["reason"], data=row)
+
+
+def _failed_row(job: SlideJob, reason: str) -> dict:
+    return {"slide_id": job.slide_id, "path": job.path, "status": "failed", "reason": reason, "nuclei": None,
+            "tissue_mm2": None, "seconds": None, "worker": None}
+
+
+def _row(job: SlideJob, state: State) -> dict:
+    """The report row a slide task's final state carries (or one for a crashed task)."""
+    if not state.is_final():
+        return _failed_row(job, f"task run ended {state.type.value}")
+    data = state.result(raise_on_failure=False)
+    if isinstance(data, dict):
+        return data
+    # The task never returned a row (it crashed, was cancelled...): say so.
+    return _failed_row(job, failure_reason(data) if isinstance(data, BaseException) else f"task run {state.name}")
+
+
+def _gather(job: SlideJob, future) -> dict:
+    """Wait for a submitted slide task; a worker that died gives a failed row, not a crash."""
+    try:
+        future.wait()
+        wrapped = getattr(future, "wrapped_future", None)
+        if wrapped is not None and wrapped.status == "error":  # e.g. dask's KilledWorker
+            return _failed_row(job, f"worker lost: {failure_reason(wrapped.exception())}")
+        return _row(job, future.state)
+    except Exception as e:  # noqa: BLE001 - one slide's lost worker is not the batch's
+        return _failed_row(job, f"worker lost: {failure_reason(e)}")
+
+
+def _is_dask(runner: object) -> bool:
+    return type(runner).__module__.split(".")[0] == "prefect_dask"
+
+
+def run_slides(jobs: list[SlideJob], out: str, cfg: SegmentConfig, dask_address: str | None = None) -> list[dict]:
+    """Report rows of ``jobs``, in order. One slide at a time in this process, or all
+    submitted at once to Dask: the flow's own DaskTaskRunner (``with_options``) or one
+    connected to ``dask_address``."""
+    ctx = FlowRunContext.get()
+    own = ctx.task_runner if ctx is not None and _is_dask(ctx.task_runner) else None
+    if dask_address is None and own is None:
+        return [_row(j, segment_slide_task(j, out, cfg, return_state=True)) for j in jobs]
+    if dask_address is not None:
+        from prefect_dask import DaskTaskRunner
+
+        runner_cm = DaskTaskRunner(address=dask_address)
+    else:
+        runner_cm = nullcontext(own)
+    with runner_cm as runner:
+        futures = [runner.submit(segment_slide_task, {"job": j, "out": out, "cfg": cfg}) for j in jobs]
+        return [_gather(j, f) for j, f in zip(jobs, futures)]
+
+
+def format_report(report: dict) -> list[str]:
+    """The batch table: slide, status, nuclei, tissue mm2, time, reason (a line per slide),
+    then the counts and the report's path."""
+    lines = [f"{'slide':<32} {'status':<8} {'nuclei':>8} {'tissue mm2':>10} {'time s':>8}  reason"]
+    for r in report["slides"]:
+        nuclei = "-" if r.get("nuclei") is None else str(r["nuclei"])
+        tissue = "-" if r.get("tissue_mm2") is None else f"{r['tissue_mm2']:.2f}"
+        secs = "-" if r.get("seconds") is None else f"{r['seconds']:.1f}"
+        lines.append(f"{r['slide_id']:<32} {r['status']:<8} {nuclei:>8} {tissue:>10} {secs:>8}  {r.get('reason') or ''}")
+    lines.append(", ".join(f"{report[s]} {s}" for s in STATUSES) + f"; report: {report.get('report', '-')}")
+    return lines
 
 
 @flow(name="segment-slides", log_prints=True)
@@ -64,25 +205,59 @@ def segment_slides(
     batch_size: int = 4,
     readers: int = 1,
     workers: int = 1,
-) -> dict:
+    dask_address: str | None = None,
+) -> dict | State:
     """Segment a batch of slides (paths, globs, folders or a CSV manifest) into ``out``.
 
-    Returns the batch report: {"slides": [{slide_id, path, status, reason, nuclei, seconds}],
-    "failed": n, "done": n, "skipped": n, "report": path}.
+    Returns the batch report: {"slides": [{slide_id, path, status, reason, nuclei,
+    tissue_mm2, seconds, worker}], "done"/"skipped"/"busy"/"failed": counts, "report": path,
+    "summary": [csv, png]}; when some slides failed, a Failed state with it as data (call with
+    ``return_state=True`` and read ``state.result(raise_on_failure=False)``).
     """
     logger = get_run_logger()
     check_model(model)
-    kw = {k: v for k, v in dict(tile_size=tile_size, halo=halo).items() if v is not None}
+    kw = {k: v for k, v in {"tile_size": tile_size, "halo": halo}.items() if v is not None}
     cfg = SegmentConfig(model=model, device=device, mpp=None, batch_size=batch_size, readers=readers,
                         workers=workers, **kw)
     jobs = expand_slides(slides, mpp=mpp)
-    logger.info(f"{len(jobs)} slides -> {out} with model {model}")
-    Path(out).mkdir(parents=True, exist_ok=True)
-    rows = [segment_slide_task(job, out, cfg) for job in jobs]
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "skipped", "failed")}
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    report = {"created": stamp, "out": str(out), "model": model, "config": cfg.model_dump(),
-              "slides": rows, **counts}
-    path = write_json_atomic(Path(out) / f"batch-{stamp}.json", report)
-    report["report"] = str(path)
+    check_output(out)
+    where = f" on Dask at {dask_address}" if dask_address else ""
+    logger.info(f"{len(jobs)} slides -> {out} with model {model}{where}")
+    started = dt.datetime.now().astimezone()
+    rows = run_slides(jobs, out, cfg, dask_address)
+    counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
+    try:
+        summary = [str(p) for p in write_summary(out, log=logger.warning)]
+    except Exception as e:  # noqa: BLE001 - the slides are done; a missing plot is not a failed batch
+        logger.warning(f"batch summary not written: {failure_reason(e)}")
+        summary = None
+    ctx = FlowRunContext.get()
+    run_id = str(ctx.flow_run.id) if ctx is not None and ctx.flow_run is not None else None
+    # Two batches may start in the same second on one folder: the flow run id tells them apart.
+    name = f"batch-{started:%Y%m%d-%H%M%S}-{(run_id or f'{os.getpid()}')[:8]}.json"
+    report = {"created": started.isoformat(timespec="seconds"), "flow_run_id": run_id, "out": str(out),
+              "model": model, "config": cfg.model_dump(), "dask_address": dask_address, "slides": rows,
+              "seconds": round((dt.datetime.now().astimezone() - started).total_seconds(), 1),
+              "summary": summary, **counts}
+    report["report"] = str(write_json_atomic(Path(out) / name, report))
+    for line in format_report(report):
+        logger.info(line)
+    if counts["failed"]:
+        bad = [f"{r['slide_id']}: {r['reason']}" for r in rows if r["status"] == "failed"]
+        more = f"; and {len(bad) - MESSAGE_SLIDES} more" if len(bad) > MESSAGE_SLIDES else ""
+        return Failed(name="CompletedWithFailures", data=report,
+                      message=f"{counts['failed']} of {len(rows)} slides failed ({'; '.join(bad[:MESSAGE_SLIDES])}{more}); "
+                              f"report: {report['report']}")
+    return report
+
+
+def run_batch(**params) -> dict:
+    """Run the flow and return its report whether or not slides failed (the CLI's entry).
+
+    Raises what the flow raised when it did not get to write a report (bad model, output
+    folder not writable, bad slide list)."""
+    state = segment_slides(**params, return_state=True)
+    report = state.result(raise_on_failure=False)
+    if isinstance(report, BaseException):
+        raise report
     return report

@@ -32,21 +32,29 @@ def slide_id_for(path: str | Path) -> str:
 
 def read_manifest(path: Path) -> list[SlideJob]:
     """CSV with a ``path`` column (relative paths are relative to the CSV), optional ``mpp``
-    and ``slide_id`` columns."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or "path" not in rows[0]:
+    and ``slide_id`` columns. Header names are case- and space-insensitive, a spreadsheet's
+    byte-order mark is ignored, blank lines are skipped."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = [h.strip().lower() for h in next(reader, [])]
+        rows = [(i, dict(zip(header, (c.strip() for c in r)))) for i, r in enumerate(reader, start=2)
+                if any(c.strip() for c in r)]
+    if "path" not in header:
         raise ValueError(f"{path}: a manifest needs a header with a 'path' column (optional: mpp, slide_id)")
     jobs = []
-    for i, r in enumerate(rows, start=2):
-        p = Path(r["path"].strip())
+    for i, r in rows:
+        if not r.get("path"):
+            raise ValueError(f"{path}:{i}: empty path")
+        p = Path(r["path"])
         p = p if p.is_absolute() else path.parent / p
-        mpp_text = (r.get("mpp") or "").strip()
+        mpp_text = r.get("mpp") or ""
         try:
             mpp = float(mpp_text) if mpp_text else None
         except ValueError:
             raise ValueError(f"{path}:{i}: mpp {mpp_text!r} is not a number") from None
-        jobs.append(SlideJob(str(p), (r.get("slide_id") or "").strip() or slide_id_for(p), mpp))
+        if mpp is not None and not mpp > 0:
+            raise ValueError(f"{path}:{i}: mpp must be positive, got {mpp_text}")
+        jobs.append(SlideJob(str(p), r.get("slide_id") or slide_id_for(p), mpp))
     return jobs
 
 
