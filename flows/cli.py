@@ -176,36 +176,37 @@ def segment(
     batch_size: int = typer.Option(4, "--batch-size", help="Tiles per model batch."),
     readers: int = typer.Option(1, "--readers", help="Reader processes (0: read in the main process)."),
     workers: int = typer.Option(1, "--workers", help="Post-processing processes (0: in the main process)."),
+    dask_address: Optional[str] = typer.Option(
+        None, "--dask-address", help="Run the slides on this Dask scheduler (e.g. tcp://10.0.0.5:8786)."
+    ),
 ) -> None:
     """Segment slides into OME-Zarr masks and GeoParquet nuclei; one Prefect flow run.
 
-    Exit 0 when every slide is done (or was already done), 1 when some failed.
+    Exit 0 when every slide is done (or was already done, or is being done by another
+    worker), 1 when some failed (the table and <out>/batch-*.json say why), 2 when nothing
+    could start (unknown model, output folder not writable, bad slide list).
     """
-    from nucleiflow.models.checkpoint import resolve
-
     if device not in ("auto", "cpu", "cuda"):
         fail(f"--device must be auto, cpu or cuda, not {device!r}")
-    try:
-        resolve(model)
-    except (KeyError, FileNotFoundError) as e:
-        fail(str(e).strip("'\""))
-    from nucleiflow.flows.segment import segment_slides
+    from nucleiflow.flows.segment import check_model, check_output, format_report, run_batch
     from nucleiflow.pipeline.manifest import expand_slides
 
     try:
+        check_model(model)
+    except (KeyError, FileNotFoundError) as e:
+        fail(str(e).strip("'\""))
+    try:
         expand_slides(slides, mpp=mpp)  # fail fast on an empty glob or a bad manifest
+        check_output(out)
     except (ValueError, OSError) as e:
         fail(str(e))
-    report = segment_slides(
+    report = run_batch(
         slides=slides, out=str(out), model=model, device=device, mpp=mpp, tile_size=tile_size, halo=halo,
-        batch_size=batch_size, readers=readers, workers=workers,
+        batch_size=batch_size, readers=readers, workers=workers, dask_address=dask_address,
     )
-    typer.echo(f"\n{'slide':<32} {'status':<8} {'nuclei':>8} {'tissue mm2':>10} {'time s':>8}  reason")
-    for r in report["slides"]:
-        tissue = "-" if r.get("tissue_mm2") is None else f"{r['tissue_mm2']:.2f}"
-        nuclei = "-" if r.get("nuclei") is None else str(r["nuclei"])
-        typer.echo(f"{r['slide_id']:<32} {r['status']:<8} {nuclei:>8} {tissue:>10} {r['seconds']:>8.1f}  {r['reason'] or ''}")
-    typer.echo(f"batch report: {report['report']}")
+    typer.echo("")
+    for line in format_report(report):
+        typer.echo(line)
     raise typer.Exit(1 if report["failed"] else 0)
 
 
@@ -222,3 +223,12 @@ def export_qupath(
     except FileNotFoundError as e:
         fail(str(e))
     typer.echo(f"{n} detections written to {path}")
+
+
+def _register_deploy() -> None:
+    from nucleiflow.flows.deploy import deploy_command
+
+    app.command("deploy")(deploy_command)
+
+
+_register_deploy()
