@@ -28,11 +28,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import shapely
-import tifffile
 import torch
 import zarr
 from PIL import Image
 from scipy import ndimage as ndi
+from slidefiles import write_tiff
 
 from nucleiflow.flows.train import read_config
 from nucleiflow.models.checkpoint import load_checkpoint, model_hash, save_checkpoint
@@ -115,15 +115,6 @@ def encode_maps(gt: np.ndarray, amplitude: float = 0.8) -> np.ndarray:
 def read_png(path: Path) -> np.ndarray:
     with Image.open(path) as im:
         return np.array(im.convert("RGB") if im.mode not in ("I;16", "I") else im)
-
-
-def write_tiff(path: Path, rgb: np.ndarray, mpp: float) -> Path:
-    """A tiled, lossless, OpenSlide-readable one-level generic TIFF (see shared/STACK.md)."""
-    res = 1e4 / mpp
-    with tifffile.TiffWriter(path) as tw:
-        tw.write(rgb, tile=(256, 256), photometric="rgb", compression="zlib",
-                 resolution=(res, res), resolutionunit="CENTIMETER", subfiletype=0)
-    return path
 
 
 # -- slides ---------------------------------------------------------------------------
