@@ -151,11 +151,9 @@ def test_tcga_tissue_fraction(tcga_slide):
 
 
 @pytest.fixture(scope="session")
-def mosaic(shared_data, tmp_path_factory) -> tuple[Path, dict]:
+def mosaic(shared_data, mosaic_tool, tmp_path_factory) -> tuple[Path, dict]:
     """A 3x2-cell (3000x2000 px, 0.25 um/px) mosaic slide of MoNuSeg test tiles, ~1 s to build."""
-    tool = shared_data.parent / "tools" / "mosaic_slide.py"
-    if not tool.exists():
-        pytest.skip(f"{tool} not found")
+    tool = mosaic_tool
     out = tmp_path_factory.mktemp("mosaic") / "m"
     subprocess.run([sys.executable, str(tool), str(shared_data / "monuseg"), "--split", "test",
                     "--cols", "3", "--rows", "2", "--tissue", "0.5", "--seed", "1", "--no-labels",
