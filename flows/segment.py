@@ -35,9 +35,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.states import Completed, Failed, State
 
-from nucleiflow.models.checkpoint import CARD, WEIGHTS, load_checkpoint, model_hash, resolve
-from nucleiflow.pipeline.config import SegmentConfig
-from nucleiflow.pipeline.infer.stream import Predictor
+from nucleiflow.models.checkpoint import CARD, WEIGHTS, model_hash, resolve
+from nucleiflow.pipeline.config import DEFAULT_MODEL, SegmentConfig
+from nucleiflow.pipeline.infer.predictor import Predictor, load_card, load_predictor
 from nucleiflow.pipeline.batch.manifest import SlideJob, expand_slides
 from nucleiflow.pipeline.batch.run_slide import segment_slide
 from nucleiflow.pipeline.slide.reader import SlideError
@@ -54,16 +54,17 @@ class OutputNotWritable(OSError):
 
 @lru_cache(maxsize=2)
 def _predictor(model: str, device: str) -> tuple[Predictor, str]:
-    net, card = load_checkpoint(model)
-    return Predictor(net, card, device=device), model_hash(resolve(model))
+    return load_predictor(model, device=device), model_hash(resolve(model))
 
 
 def check_model(model: str) -> None:
-    """Fail fast, before any slide, when the model cannot be found (KeyError / FileNotFoundError)."""
+    """Fail fast, before any slide, when the model cannot be found (KeyError /
+    FileNotFoundError) or its card does not validate (CardError, a ValueError)."""
     folder = resolve(model)
     missing = [n for n in (CARD, WEIGHTS) if not (folder / n).is_file()]
     if missing:
         raise FileNotFoundError(f"{folder} is not a checkpoint: missing {', '.join(missing)}")
+    load_card(folder)
 
 
 def check_output(out: str | os.PathLike) -> Path:
@@ -197,7 +198,7 @@ def format_report(report: dict) -> list[str]:
 def segment_slides(
     slides: list[str] | str,
     out: str,
-    model: str = "student",
+    model: str = DEFAULT_MODEL,
     device: str = "auto",
     mpp: float | None = None,
     tile_size: int | None = None,
