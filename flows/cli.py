@@ -115,13 +115,15 @@ def evaluate(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     tile_size: int = typer.Option(512, help="Tile core edge in model pixels."),
     halo: int = typer.Option(DEFAULT_HALO, help="Context pixels around each core."),
+    tta: int = typer.Option(1, "--tta", min=1, max=8,
+                            help="Test-time augmentation: average the maps of this many flipped/rotated views."),
 ) -> None:
     """Per-image and mean Dice, IoU, AJI, PQ, DQ, SQ, F1 through the slide segmentation path."""
     from nucleiflow.pipeline.infer.predictor import load_predictor
     from nucleiflow.pipeline.train.evaluation import METRICS, evaluate as run_evaluate
 
     try:
-        predictor = load_predictor(model, device=device)
+        predictor = load_predictor(model, device=device, tta=tta)
     except (KeyError, FileNotFoundError, ValueError) as e:  # ValueError: a card that does not validate
         fail(str(e).strip("'\""))
     if not (data / "splits.csv").is_file():
@@ -181,6 +183,8 @@ def segment(
     dask_address: Optional[str] = typer.Option(
         None, "--dask-address", help="Run the slides on this Dask scheduler (e.g. tcp://10.0.0.5:8786)."
     ),
+    tta: int = typer.Option(1, "--tta", min=1, max=8,
+                            help="Test-time augmentation: average the maps of this many flipped/rotated views."),
 ) -> None:
     """Segment slides into OME-Zarr masks and GeoParquet nuclei; one Prefect flow run.
 
@@ -204,7 +208,7 @@ def segment(
         fail(str(e))
     report = run_batch(
         slides=slides, out=str(out), model=model, device=device, mpp=mpp, tile_size=tile_size, halo=halo,
-        batch_size=batch_size, readers=readers, workers=workers, dask_address=dask_address,
+        batch_size=batch_size, readers=readers, workers=workers, dask_address=dask_address, tta=tta,
     )
     typer.echo("")
     for line in format_report(report):

@@ -53,8 +53,8 @@ class OutputNotWritable(OSError):
 
 
 @lru_cache(maxsize=2)
-def _predictor(model: str, device: str) -> tuple[Predictor, str]:
-    return load_predictor(model, device=device), model_hash(resolve(model))
+def _predictor(model: str, device: str, tta: int = 1) -> tuple[Predictor, str]:
+    return load_predictor(model, device=device, tta=tta), model_hash(resolve(model))
 
 
 def check_model(model: str) -> None:
@@ -113,7 +113,7 @@ def segment_slide_task(job: SlideJob, out: str, cfg: SegmentConfig) -> State:
             # Daemonic processes (Dask's default workers) may not start children: read and
             # post-process in this process. Only speed changes (these are not in the key).
             cfg = cfg.model_copy(update={"readers": 0, "workers": 0})
-        predictor, mhash = _predictor(cfg.model, cfg.device)
+        predictor, mhash = _predictor(cfg.model, cfg.device, cfg.tta)
         rec = segment_slide(job, out, cfg, predictor, mhash, log=logger.info)
     except Exception as e:  # any slide's failure is that slide's, never the batch's
         row.update(reason=failure_reason(e), seconds=round(time.perf_counter() - t0, 2))
@@ -207,6 +207,7 @@ def segment_slides(
     readers: int = 1,
     workers: int = 1,
     dask_address: str | None = None,
+    tta: int = 1,
 ) -> dict | State:
     """Segment a batch of slides (paths, globs, folders or a CSV manifest) into ``out``.
 
@@ -219,7 +220,7 @@ def segment_slides(
     check_model(model)
     kw = {k: v for k, v in {"tile_size": tile_size, "halo": halo}.items() if v is not None}
     cfg = SegmentConfig(model=model, device=device, mpp=None, batch_size=batch_size, readers=readers,
-                        workers=workers, **kw)
+                        workers=workers, tta=tta, **kw)
     jobs = expand_slides(slides, mpp=mpp)
     check_output(out)
     where = f" on Dask at {dask_address}" if dask_address else ""

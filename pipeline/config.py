@@ -36,10 +36,14 @@ class SegmentConfig(BaseModel):
     readers: int = Field(1, ge=0, le=32, description="Reader processes; 0 reads in the main process.")
     workers: int = Field(1, ge=0, le=64, description="Post-processing processes; 0 = in-process.")
     tissue_mpp: float = Field(TISSUE_MPP, gt=0)
+    tta: int = Field(1, ge=1, le=8, description="Test-time augmentation: views averaged per tile (1 = off).")
 
     def key(self, exclude: tuple[str, ...] = ("device", "batch_size", "readers", "workers")) -> str:
         """Hash of the fields that change results (not the ones that only change speed)."""
-        return config_hash(self.model_dump(exclude=set(exclude)))
+        data = self.model_dump(exclude=set(exclude))
+        if data.get("tta") == 1:  # off: keys stay those of runs made before TTA existed
+            del data["tta"]
+        return config_hash(data)
 
 
 def config_hash(data: Mapping[str, Any]) -> str:

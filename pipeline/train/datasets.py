@@ -19,6 +19,7 @@ from PIL import Image
 from skimage.segmentation import relabel_sequential
 
 from nucleiflow.pipeline.slide import stain
+from nucleiflow.pipeline.train.augment import AugmentConfig, degrade, focus_origin, resize_patch, scaled_window
 from nucleiflow.pipeline.train.targets import dihedral, dihedral_targets, make_targets
 
 REQUIRED_COLUMNS = ("name", "split", "mpp")
@@ -33,19 +34,22 @@ class ImageRecord:
     mpp: float
     image_path: Path
     label_path: Path
+    group: str | None = None  # e.g. the patient: validation is carved by whole groups
 
 
-def read_splits(root: str | Path) -> list[ImageRecord]:
-    """Records of ``<root>/splits.csv``, in file order; a clear error names a bad file."""
+def read_splits(root: str | Path, group_by: str | None = None) -> list[ImageRecord]:
+    """Records of ``<root>/splits.csv``, in file order; a clear error names a bad file.
+    ``group_by`` names a column (e.g. "patient") copied into each record's ``group``."""
     root = Path(root)
     path = root / "splits.csv"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: splits file not found")
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
-        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+        needed = REQUIRED_COLUMNS + ((group_by,) if group_by else ())
+        missing = [c for c in needed if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (needs {', '.join(REQUIRED_COLUMNS)})")
+            raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (needs {', '.join(needed)})")
         records = []
         for line, row in enumerate(reader, start=2):
             try:
@@ -56,7 +60,7 @@ def read_splits(root: str | Path) -> list[ImageRecord]:
                 raise ValueError(f"{path}, line {line}: mpp must be a positive number, got {row['mpp']!r}")
             name = row["name"]
             records.append(ImageRecord(name, row["split"], mpp, root / "images" / f"{name}.png",
-                                       root / "labels" / f"{name}.png"))
+                                       root / "labels" / f"{name}.png", row[group_by] if group_by else None))
     return records
 
 
@@ -93,6 +97,9 @@ def validation_split(records: Sequence[ImageRecord], fraction: float = 0.2, seed
 
     Every record must have split "train" (validation is never carved from test): filter first,
     e.g. ``[r for r in read_splits(root) if r.split == "train"]``. Deterministic for a seed.
+    Records with a ``group`` (patient, source image) are held out by whole groups, in a random
+    group order until at least ``fraction`` of the images are held out, so no patient is on
+    both sides.
     """
     bad = sorted({r.split for r in records if r.split != "train"})
     if bad:
@@ -103,9 +110,23 @@ def validation_split(records: Sequence[ImageRecord], fraction: float = 0.2, seed
     if len(recs) < 2:
         raise ValueError(f"need at least 2 training images to hold some out, got {len(recs)}")
     n_val = min(len(recs) - 1, max(1, round(fraction * len(recs))))
+    if any(r.group is not None for r in recs):
+        return _group_split(recs, n_val, seed)
     order = np.random.default_rng(seed).permutation(len(recs))
     val = set(order[:n_val].tolist())
     return [r for i, r in enumerate(recs) if i not in val], [r for i, r in enumerate(recs) if i in val]
+
+
+def _group_split(recs: list[ImageRecord], n_val: int, seed: int) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    groups = sorted({str(r.group) for r in recs})
+    if len(groups) < 2:
+        raise ValueError(f"need at least 2 groups to hold one out, got {groups}")
+    held: set[str] = set()
+    for g in np.random.default_rng(seed).permutation(groups):
+        if sum(str(r.group) in held for r in recs) >= n_val or len(held) == len(groups) - 1:
+            break
+        held.add(str(g))
+    return [r for r in recs if str(r.group) not in held], [r for r in recs if str(r.group) in held]
 
 
 class AnnotatedDataset:
@@ -221,45 +242,79 @@ class PatchSampler:
     "image" (B, 3, P, P) float32 in [0, 1], "mask" (B, 1, P, P), "hv" (B, 2, P, P),
     "marker" (B, 1, P, P) float32, "type" (B, P, P) int64 if the data set has types,
     "inst" (B, P, P) int64 with ``with_inst=True``, and "unlabelled" (B, 3, P, P) when
-    ``unlabelled`` images were given. Images are drawn in proportion to their area, crops
-    uniformly; HV maps are computed on whole images before cropping, so cut nuclei keep
-    their true centroid. Augmentation: flips and 90-degree rotations (HV turned with them),
-    mild stain and brightness/contrast jitter. One numpy Generator seeded with ``seed``
-    drives everything, so equal seeds give equal batches.
+    ``unlabelled`` images were given. ``dataset`` is one data set or several: a data set is
+    drawn with probability proportional to its ``weights`` entry, then an image in proportion
+    to its area, then a crop (uniform, or centred on a nucleus for ``aug.focus`` of them);
+    ``counts`` tallies the patches drawn per data set. HV maps are computed on whole images
+    before cropping, so cut nuclei keep their true centroid. Augmentation: flips and 90-degree
+    rotations (HV turned with them), scale, mild stain and brightness/contrast jitter, blur
+    and JPEG (`AugmentConfig`). One numpy Generator seeded with ``seed`` drives everything,
+    so equal seeds give equal batches.
     """
 
-    def __init__(self, dataset: AnnotatedDataset, patch: int = 256, seed: int = 0, augment: bool = True,
-                 stain_augment: bool = True, unlabelled: Sequence[np.ndarray] | None = None,
-                 stain_sigma: tuple[float, float] = (0.1, 0.05), jitter: float = 0.1):
-        if len(dataset) == 0:
-            raise ValueError("PatchSampler needs a non-empty data set")
-        self.dataset, self.patch, self.augment = dataset, patch, augment
-        self.stain_augment, self.stain_sigma, self.jitter = stain_augment, stain_sigma, jitter
+    def __init__(self, dataset: AnnotatedDataset | Sequence[AnnotatedDataset], patch: int = 256, seed: int = 0,
+                 augment: bool = True, stain_augment: bool = True, unlabelled: Sequence[np.ndarray] | None = None,
+                 weights: Sequence[float] | None = None, aug: AugmentConfig | None = None):
+        sets = [dataset] if isinstance(dataset, AnnotatedDataset) else list(dataset)
+        if not sets or any(len(d) == 0 for d in sets):
+            raise ValueError("PatchSampler needs non-empty data sets")
+        w = np.ones(len(sets)) if weights is None else np.asarray(weights, float)
+        if w.shape != (len(sets),) or not (w >= 0).all() or w.sum() <= 0:
+            raise ValueError(f"weights must be {len(sets)} non-negative numbers, not all 0; got {weights}")
+        self.sets, self.patch, self.augment, self.stain_augment = sets, patch, augment, stain_augment
+        self.aug = aug or AugmentConfig()
         self.rng = np.random.default_rng(seed)
-        area = np.array([dataset[i]["mask"].size for i in range(len(dataset))], float)
-        self._p = area / area.sum()
+        self._items = [(s, i) for s, d in enumerate(sets) for i in range(len(d))]
+        p = []
+        for s, d in enumerate(sets):
+            area = np.array([d[i]["mask"].size for i in range(len(d))], float)
+            p.append(w[s] / w.sum() * area / area.sum())
+        self._p = np.concatenate(p)
+        self.counts = [0] * len(sets)
         self.unlabelled = UnlabelledTiles(unlabelled, patch, self.rng, augment) if unlabelled else None
+
+    @property
+    def dataset(self) -> AnnotatedDataset:
+        """The first (or only) data set."""
+        return self.sets[0]
+
+    def _origin(self, item: dict[str, np.ndarray], q: int) -> tuple[int, int]:
+        rng = self.rng
+        if self.aug.focus > 0 and rng.random() < self.aug.focus:
+            yx = focus_origin(item["mask"], q, rng)
+            if yx is not None:
+                return yx
+        h, w = item["mask"].shape
+        return int(rng.integers(max(h - q, 0) + 1)), int(rng.integers(max(w - q, 0) + 1))
 
     def _one(self, with_inst: bool) -> dict[str, np.ndarray]:
         rng, p = self.rng, self.patch
-        item = self.dataset[int(rng.choice(len(self._p), p=self._p))]
-        h, w = item["mask"].shape
-        y0, x0 = int(rng.integers(max(h - p, 0) + 1)), int(rng.integers(max(w - p, 0) + 1))
-        out = {k: _crop(v, y0, x0, p) for k, v in item.items() if k != "image" and (with_inst or k != "inst")}
-        img = _crop(np.moveaxis(item["image"], -1, 0), y0, x0, p)
+        s, i = self._items[int(rng.choice(len(self._p), p=self._p))]
+        self.counts[s] += 1
+        item = self.sets[s][i]
+        q = scaled_window(p, rng, self.aug.scale) if self.augment else p
+        y0, x0 = self._origin(item, q)
+        out = {k: _crop(v, y0, x0, q) for k, v in item.items() if k != "image" and (with_inst or k != "inst")}
+        img, out = resize_patch(_crop(np.moveaxis(item["image"], -1, 0), y0, x0, q), out, p)
         if self.stain_augment:
-            img = np.moveaxis(_colour(np.moveaxis(img, 0, -1), rng, self.stain_sigma, self.jitter), -1, 0)
+            a = self.aug
+            img = np.moveaxis(_colour(np.moveaxis(img, 0, -1), rng, a.stain_sigma, a.jitter), -1, 0)
+        if self.augment:
+            img = degrade(img, rng, self.aug)
         out["image"] = img
         if self.augment:
             out = dihedral_targets(out, int(rng.integers(4)), bool(rng.random() < 0.5))
         return out
 
     def get_state(self) -> dict:
-        """RNG state, so a resumed training run draws the batches it would have drawn."""
-        return self.rng.bit_generator.state
+        """RNG state and counts, so a resumed training run draws the batches it would have drawn."""
+        return {"rng": self.rng.bit_generator.state, "counts": list(self.counts)}
 
     def set_state(self, state: dict) -> None:
-        self.rng.bit_generator.state = state
+        if "rng" not in state:  # a state saved before counts were kept: the bare RNG state
+            state = {"rng": state, "counts": self.counts}
+        self.rng.bit_generator.state = state["rng"]
+        self.counts = list(state["counts"])
 
     def sample(self, batch_size: int, with_inst: bool = False) -> dict[str, torch.Tensor]:
         batch = _to_batch([self._one(with_inst) for _ in range(batch_size)])

@@ -17,11 +17,12 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from nucleiflow.models import losses
 from nucleiflow.models.checkpoint import load_checkpoint
 from nucleiflow.models.registry import create_model
+from nucleiflow.pipeline.train.augment import AugmentConfig
 from nucleiflow.pipeline.train.datasets import AnnotatedDataset, PatchSampler, read_splits, tiles, validation_split
 from nucleiflow.pipeline.train.unlabelled import unlabelled_tiles
 from nucleiflow.pipeline.config import config_hash
@@ -30,8 +31,12 @@ from nucleiflow.pipeline.outputs.atomic import atomic_write
 
 
 class DataConfig(BaseModel):
+    """One annotated data set of a training run (``data:`` is one of these or a list)."""
+
     model_config = ConfigDict(extra="forbid")
     root: str = Field(description="Data set in the shared/data layout (images/, labels/, splits.csv).")
+    weight: float = Field(1.0, ge=0, description="Share of training patches drawn from this set (relative).")
+    group_by: str | None = Field(None, description="splits.csv column (e.g. patient): validation holds out whole groups.")
     val_fraction: float = Field(0.2, gt=0, lt=1)
     names: list[str] | None = Field(None, description="Train on these train-split images only.")
     eval_split: str = "test"
@@ -70,8 +75,10 @@ class TrainConfig(BaseModel):
     arch: str
     kwargs: dict[str, Any] = Field(default_factory=dict)
     mpp: float = Field(0.5, gt=0)
-    data: DataConfig
+    data: list[DataConfig] = Field(description="One data set or a list; the first is the primary one.")
     train: LoopConfig = Field(default_factory=LoopConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    init: str | None = Field(None, description="Checkpoint (name or path) whose weights training starts from.")
     teacher: TeacherConfig | None = None
     postprocess: dict[str, Any] = Field(default_factory=lambda: {"method": "hv"})
     tune_postprocess: bool = Field(True, description="Choose thresholds on the validation images.")
@@ -79,6 +86,16 @@ class TrainConfig(BaseModel):
     work: str = Field(description="Folder for resumable training state.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     eval_tile_size: int = 512
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, dict) else v
+
+    @property
+    def primary(self) -> DataConfig:
+        """The first data set: its eval split is the card's headline metrics."""
+        return self.data[0]
 
     def key(self) -> str:
         """Hash of everything that shapes the trained weights (not where they go)."""
@@ -116,17 +133,22 @@ def _save_state(path: Path, state: dict) -> None:
         torch.save(state, tmp)
 
 
-def split_records(cfg: TrainConfig) -> tuple[list[str], list[str]]:
-    """(train names, validation names), carved from the train split only."""
-    records = [r for r in read_splits(cfg.data.root) if r.split == "train"]
-    if cfg.data.names:
+def split_data(d: DataConfig, seed: int) -> tuple[list[str], list[str]]:
+    """(train names, validation names) of one data set, carved from its train split only."""
+    records = [r for r in read_splits(d.root, d.group_by) if r.split == "train"]
+    if d.names:
         # A name outside the train split (a typo, or a test image) is an error, not skipped.
-        unknown = sorted(set(cfg.data.names) - {r.name for r in records})
+        unknown = sorted(set(d.names) - {r.name for r in records})
         if unknown:
-            raise ValueError(f"data.names not in the train split of {cfg.data.root}: {unknown}")
-        records = [r for r in records if r.name in set(cfg.data.names)]
-    train, val = validation_split(records, fraction=cfg.data.val_fraction, seed=cfg.train.seed)
+            raise ValueError(f"data.names not in the train split of {d.root}: {unknown}")
+        records = [r for r in records if r.name in set(d.names)]
+    train, val = validation_split(records, fraction=d.val_fraction, seed=seed)
     return [r.name for r in train], [r.name for r in val]
+
+
+def split_records(cfg: TrainConfig) -> list[tuple[list[str], list[str]]]:
+    """(train names, validation names) per data set of ``cfg.data``, in order."""
+    return [split_data(d, cfg.train.seed) for d in cfg.data]
 
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
@@ -135,14 +157,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     torch.manual_seed(cfg.train.seed)
     work = Path(cfg.work)
     work.mkdir(parents=True, exist_ok=True)
-    train_names, val_names = split_records(cfg)
-    log(f"data: {len(train_names)} train / {len(val_names)} validation images at {cfg.mpp} um/px")
-    train_ds = AnnotatedDataset(cfg.data.root, train_names, mpp=cfg.mpp)
-    val_ds = AnnotatedDataset(cfg.data.root, val_names, mpp=cfg.mpp)
-    sampler = PatchSampler(train_ds, patch=cfg.train.patch, seed=cfg.train.seed)
-    val_batches = list(tiles(val_ds, patch=cfg.train.patch, batch_size=cfg.train.batch_size))
-
+    splits, sampler, val_batches = _data(cfg, log)
     model = create_model(cfg.arch, **cfg.kwargs).to(device)
+    if cfg.init:
+        model.load_state_dict(load_checkpoint(cfg.init, map_location=device)[0].state_dict())
+        log(f"initial weights: {cfg.init}")
     teacher, unlabelled = _teacher(cfg, device, log)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.train.epochs, eta_min=cfg.train.lr * 0.05)
@@ -188,9 +207,27 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     model.eval()
     return {
         "model": model, "history": run.history, "epochs": len(run.history), "best_val": run.best_val,
-        "seconds": round(time.perf_counter() - t_start, 1), "train_names": train_names, "val_names": val_names,
+        "seconds": round(time.perf_counter() - t_start, 1),
+        "train_names": [n for t, _ in splits for n in t], "val_names": [n for _, v in splits for n in v],
+        "splits": splits, "sampled": dict(zip((d.root for d in cfg.data), sampler.counts)),
         "device": str(device), "hardware": hardware(device),
     }
+
+
+def _data(cfg: TrainConfig, log: Callable[[str], None]) -> tuple[list, PatchSampler, list[dict]]:
+    """(per-set (train, validation) names, the patch sampler over every set's train images,
+    fixed validation batches of every set)."""
+    splits = split_records(cfg)
+    train_sets, val_batches = [], []
+    for d, (train_names, val_names) in zip(cfg.data, splits):
+        log(f"data {d.root}: {len(train_names)} train / {len(val_names)} validation images at {cfg.mpp} um/px"
+            f" (weight {d.weight})")
+        train_sets.append(AnnotatedDataset(d.root, train_names, mpp=cfg.mpp))
+        val_ds = AnnotatedDataset(d.root, val_names, mpp=cfg.mpp)
+        val_batches += list(tiles(val_ds, patch=cfg.train.patch, batch_size=cfg.train.batch_size))
+    sampler = PatchSampler(train_sets, patch=cfg.train.patch, seed=cfg.train.seed,
+                           weights=[d.weight for d in cfg.data], aug=cfg.augment)
+    return splits, sampler, val_batches
 
 
 def _teacher(cfg: TrainConfig, device: torch.device, log: Callable[[str], None]):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -39,14 +40,19 @@ def _maps(predictor: Predictor, rgb: np.ndarray, mpp: float, pad: int = 64) -> t
     return {k: (v[crop] if v.ndim == 2 else v[(slice(None), *crop)]) for k, v in maps.items()}, scale, rgb.shape[:2]
 
 
-def tune_postprocess(predictor: Predictor, root: str, names: Sequence[str], base: dict) -> tuple[dict, float]:
-    """Grid-search the card's post-processing on ``names``; returns (best params, mean AJI)."""
+def tune_postprocess(predictor: Predictor, sets: Sequence[tuple[str | Path, Sequence[str]]], base: dict
+                     ) -> tuple[dict, float]:
+    """Grid-search the card's post-processing on the validation images ``sets`` =
+    [(data set root, image names), ...]; returns (best params, mean AJI over all images)."""
     method = base.get("method", "hv")
     grid = GRIDS[method]
-    records = {r.name: r for r in read_splits(root)}
+    picked = []
+    for root, names in sets:
+        records = {r.name: r for r in read_splits(root)}
+        picked += [records[n] for n in names]
     cached = []
-    for name in names:
-        rec = records[name]
+    for rec in picked:
+        name = rec.name
         if rec.split != "train":
             raise ValueError(f"{name}: thresholds are tuned on validation images carved from train only")
         rgb = np.array(Image.open(rec.image_path).convert("RGB"))

@@ -17,7 +17,7 @@ def predictor() -> Predictor:
 
 
 def test_returns_a_setting_from_the_grid(predictor, shared_data):
-    best, score = tune_postprocess(predictor, shared_data / "monuseg", ["TCGA-18-5592-01Z-00-DX1"],
+    best, score = tune_postprocess(predictor, [(shared_data / "monuseg", ["TCGA-18-5592-01Z-00-DX1"])],
                                    {"method": "hv", "min_size": 4, "ksize": 5})
     assert best["method"] == "hv" and best["min_size"] == 4 and best["ksize"] == 5
     for k, values in GRIDS["hv"].items():
@@ -27,4 +27,4 @@ def test_returns_a_setting_from_the_grid(predictor, shared_data):
 
 def test_refuses_test_images(predictor, shared_data):
     with pytest.raises(ValueError, match="validation"):
-        tune_postprocess(predictor, shared_data / "monuseg", ["TCGA-2Z-A9J9-01A-01-TS1"], {"method": "hv"})
+        tune_postprocess(predictor, [(shared_data / "monuseg", ["TCGA-2Z-A9J9-01A-01-TS1"])], {"method": "hv"})
