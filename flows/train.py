@@ -103,7 +103,8 @@ def tune_task(model, card: dict, cfg: TrainConfig, splits: list[tuple[list[str],
     """Thresholds chosen on the validation images (carved from train), never on test."""
     logger = get_run_logger()
     sets = [(d.root, val) for d, (_, val) in zip(cfg.data, splits) if val]
-    best, score = tune_postprocess(Predictor(model, card, device=cfg.device), sets, card["postprocess"])
+    best, score = tune_postprocess(Predictor(model, card, device=cfg.device), sets, card["postprocess"],
+                                   tile_size=cfg.eval_tile_size)
     n = sum(len(v) for _, v in sets)
     logger.info(f"post-processing tuned on {n} validation images: {best} (AJI {score:.4f})")
     return best

@@ -58,6 +58,39 @@ class Predictor:
         return out
 
 
+class RecordingPredictor:
+    """A `Predictor` that keeps every batch's maps, so `replay` can serve them again."""
+
+    def __init__(self, predictor: Predictor) -> None:
+        self.predictor, self.card, self.calls = predictor, predictor.card, []
+
+    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        out = self.predictor(images)
+        self.calls.append(out)
+        return out
+
+    def replay(self, card: ModelCard | None = None) -> ReplayPredictor:
+        return ReplayPredictor(self.calls, card or self.card)
+
+
+class ReplayPredictor:
+    """Serves recorded maps in call order, without a model: the tiled path's post-processing
+    alone (e.g. candidate thresholds through exactly the path `evaluate` scores). The same
+    plan and batch size must drive it as drove the recording."""
+
+    def __init__(self, calls: list[dict[str, np.ndarray]], card: ModelCard) -> None:
+        self.calls, self.card, self._next = calls, ModelCard.of(card), 0
+
+    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        if self._next >= len(self.calls):
+            raise RuntimeError(f"replay ran past its {len(self.calls)} recorded batches")
+        out = self.calls[self._next]
+        if len(next(iter(out.values()))) != len(images):
+            raise RuntimeError("replayed batch does not match the recording (another plan or batch size?)")
+        self._next += 1
+        return out
+
+
 def load_card(name_or_path: str | os.PathLike) -> ModelCard:
     """The validated card of a bundled name or checkpoint folder (CardError if it is bad;
     KeyError / FileNotFoundError if there is no such checkpoint)."""
