@@ -12,13 +12,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from nucleiflow.pipeline.config import ModelCard
 from nucleiflow.pipeline.infer.predictor import Predictor, RecordingPredictor
 from nucleiflow.pipeline.infer.segment_reader import segment_array
 from nucleiflow.pipeline.slide.reader import ArraySlide
-from nucleiflow.pipeline.train.datasets import read_splits
+from nucleiflow.pipeline.train.datasets import read_pair, read_splits
 from nucleiflow.pipeline.train.metrics import aji
 
 GRIDS: dict[str, dict[str, Sequence[float]]] = {
@@ -42,8 +41,8 @@ def tune_postprocess(predictor: Predictor, sets: Sequence[tuple[str | Path, Sequ
             rec = records[name]
             if rec.split != "train":
                 raise ValueError(f"{name}: thresholds are tuned on validation images carved from train only")
-            with Image.open(rec.image_path) as im, Image.open(rec.label_path) as lab:
-                slide, truth = ArraySlide(np.array(im.convert("RGB")), mpp=rec.mpp), np.array(lab).astype(np.int32)
+            rgb, truth = read_pair(rec)
+            slide = ArraySlide(rgb, mpp=rec.mpp)
             recorder = RecordingPredictor(predictor)
             segment_array(slide, recorder, tile_size=tile_size, halo=halo)
             cached.append((slide, recorder, truth))
