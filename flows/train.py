@@ -15,7 +15,8 @@ from nucleiflow.pipeline.train.evaluation import evaluate
 from nucleiflow.pipeline.infer.predictor import Predictor
 from nucleiflow.pipeline.train.card import build_card, compare_rows, render_markdown
 from nucleiflow.pipeline.train.tuning import tune_postprocess
-from nucleiflow.pipeline.train.loop import DataConfig, TrainConfig, split_data, train
+from nucleiflow.pipeline.train.config import DataConfig, TrainConfig
+from nucleiflow.pipeline.train.loop import split_data, train
 
 
 def read_config(path: str | Path) -> TrainConfig:

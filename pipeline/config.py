@@ -2,7 +2,7 @@
 (`ModelCard`, with its `PostprocessConfig`), shared by the CLI, the flows and configs/.
 
 The training run's own schema (`TrainConfig` and its parts) lives beside the loop in
-`train.loop`; both hash themselves with `config_hash`.
+`train.config`; both hash themselves with `config_hash`.
 """
 from __future__ import annotations
 

@@ -49,7 +49,8 @@ from nucleiflow.pipeline.slide.reader import ArraySlide
 from nucleiflow.pipeline.tiles.stitch import MemoryMerger
 from nucleiflow.pipeline.train.targets import hv_maps
 from nucleiflow.pipeline.tiles.plan import plan_tiles
-from nucleiflow.pipeline.train.loop import TrainConfig, train
+from nucleiflow.pipeline.train.config import TrainConfig
+from nucleiflow.pipeline.train.loop import train
 
 REPO = Path(__file__).resolve().parents[2]
 ORACLE_IMAGE = "TCGA-2Z-A9J9-01A-01-TS1"  # MoNuSeg test image, 0.25 um/px, 575 nuclei

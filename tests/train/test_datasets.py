@@ -9,16 +9,8 @@ import torch
 from PIL import Image
 from skimage.draw import disk
 
-from nucleiflow.pipeline.train.datasets import (
-    AnnotatedDataset,
-    PatchSampler,
-    UnlabelledTiles,
-    load_image,
-    read_splits,
-    resample_labels,
-    tiles,
-    validation_split,
-)
+from nucleiflow.pipeline.train.datasets import AnnotatedDataset, load_image, read_splits, resample_labels, validation_split
+from nucleiflow.pipeline.train.sampler import PatchSampler, UnlabelledTiles, tiles
 from nucleiflow.pipeline.train.targets import hv_maps
 
 MONUSEG_TRAIN = ["TCGA-18-5592-01Z-00-DX1", "TCGA-21-5784-01Z-00-DX1"]

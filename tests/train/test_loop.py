@@ -26,7 +26,8 @@ from nucleiflow.pipeline.train.datasets import read_splits
 from nucleiflow.pipeline.train.unlabelled import unlabelled_tiles
 from nucleiflow.pipeline.train.evaluation import METRICS
 from nucleiflow.pipeline.train.card import build_card
-from nucleiflow.pipeline.train.loop import TrainConfig, split_records, train
+from nucleiflow.pipeline.train.config import TrainConfig
+from nucleiflow.pipeline.train.loop import split_records, train
 
 NUCLEIFLOW = Path(sys.executable).with_name("nucleiflow")
 # Four MoNuSeg train images (validation is carved from these) and one test image to score.
