@@ -158,15 +158,19 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print the cards' 
             "trained_on": (card.get("data") or {}).get("root"),
             "held_out": (card.get("metrics") or {}).get("split"),
             **{k: m.get(k) for k in ("dice", "aji", "pq", "f1")},
+            # Every data set's held-out split (cards of multi-data-set training runs).
+            "by_data": {n: r.get("mean", {}) for n, r in ((card.get("metrics") or {}).get("by_data") or {}).items()},
         })
     if as_json:
         typer.echo(json.dumps(rows))
         return
-    typer.echo(f"{'name':<12} {'arch':<10} {'params':>9} {'mpp':>5} {'held-out':<10} {'dice':>6} {'aji':>6} {'pq':>6}")
+    typer.echo(f"{'name':<12} {'arch':<10} {'params':>9} {'mpp':>5} {'held-out':<10} {'dice':>6} {'aji':>6} {'pq':>6}"
+               "  other held-out sets (aji)")
     for r in rows:
         f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        others = " ".join(f"{n} {f(m.get('aji'))}" for n, m in list(r["by_data"].items())[1:])
         typer.echo(f"{r['name']:<12} {r['arch']:<10} {r['parameters'] or 0:>9} {r['mpp']:>5} "
-                   f"{r['held_out'] or '-':<10} {f(r['dice']):>6} {f(r['aji']):>6} {f(r['pq']):>6}")
+                   f"{r['held_out'] or '-':<10} {f(r['dice']):>6} {f(r['aji']):>6} {f(r['pq']):>6}  {others or '-'}")
 
 
 @app.command()
