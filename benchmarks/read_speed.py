@@ -31,7 +31,7 @@ import numpy as np
 import openslide
 from PIL import Image
 
-from nucleiflow.pipeline.slides import OpenSlideReader
+from nucleiflow.pipeline.slide.reader import OpenSlideReader
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("NUCLEIFLOW_SHARED", REPO.parent / "shared"))

@@ -18,8 +18,8 @@ import time
 import torch
 
 from nucleiflow.models.checkpoint import load_checkpoint
-from nucleiflow.pipeline.evaluation import evaluate
-from nucleiflow.pipeline.inference import Predictor, pick_device
+from nucleiflow.pipeline.train.evaluation import evaluate
+from nucleiflow.pipeline.infer.stream import Predictor, pick_device
 
 
 def forward_seconds(model: torch.nn.Module, device: torch.device, batch: int, patch: int, repeats: int) -> float:

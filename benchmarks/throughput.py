@@ -7,7 +7,7 @@
 Builds (once, cached under --cache) square mosaic slides of MoNuSeg test tiles at
 0.25 um/px with ../shared/tools/mosaic_slide.py (1000 px cells, --tissue of them tissue),
 then segments each in its own subprocess, so peak memory is per slide. The subprocess
-calls `nucleiflow.pipeline.slidejob.segment_slide` directly (no Prefect) into a fresh
+calls `nucleiflow.pipeline.batch.run_slide.segment_slide` directly (no Prefect) into a fresh
 temp folder, after one warm-up batch through the Predictor (CUDA init, cudnn autotune).
 
 Per slide it prints sizes, tiles, nuclei, wall time, throughput (planned model px/s and
@@ -126,8 +126,8 @@ def instrument_writers() -> tuple[dict[str, float], dict[str, int]]:
     writes and the stitcher's read-modify-writes), yet it runs in the main process between
     model batches. Only this subprocess is patched.
     """
-    from nucleiflow.pipeline.geoparquet import GeoParquetWriter
-    from nucleiflow.pipeline.omezarr import OmeZarrWriter
+    from nucleiflow.pipeline.outputs.geoparquet import GeoParquetWriter
+    from nucleiflow.pipeline.outputs.omezarr import OmeZarrWriter
 
     seconds = {"main_parquet_write": 0.0, "main_zarr_labels_write": 0.0, "main_zarr_prob_write": 0.0,
                "main_zarr_labels_read": 0.0}
@@ -180,9 +180,9 @@ def planned_area(slide: str, cfg, card: dict) -> tuple[int, int, int]:
     """
     from scipy import ndimage as ndi
 
-    from nucleiflow.pipeline.slides import open_slide
-    from nucleiflow.pipeline.tiling import plan_tiles
-    from nucleiflow.pipeline.tissue import detect_tissue
+    from nucleiflow.pipeline.slide.reader import open_slide
+    from nucleiflow.pipeline.tiles.plan import plan_tiles
+    from nucleiflow.pipeline.slide.tissue import detect_tissue
 
     with open_slide(slide, mpp=cfg.mpp) as reader:
         info = reader.info
@@ -200,9 +200,9 @@ def child(spec: dict) -> dict:
 
     from nucleiflow.models.checkpoint import load_checkpoint, model_hash, resolve
     from nucleiflow.pipeline.config import SegmentConfig
-    from nucleiflow.pipeline.inference import Predictor
-    from nucleiflow.pipeline.manifest import SlideJob
-    from nucleiflow.pipeline.slidejob import segment_slide
+    from nucleiflow.pipeline.infer.stream import Predictor
+    from nucleiflow.pipeline.batch.manifest import SlideJob
+    from nucleiflow.pipeline.batch.run_slide import segment_slide
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])

@@ -51,9 +51,9 @@ def inspect(
     Keys: width, height, level_count, mpp_x, mpp_y, vendor, objective_power, fingerprint,
     tissue_fraction, tile_count (plus level_dimensions, level_downsamples, mpp_source, path).
     """
-    from nucleiflow.pipeline.slides import SlideError, open_slide
-    from nucleiflow.pipeline.tiling import plan_tiles
-    from nucleiflow.pipeline.tissue import detect_tissue, overlay_png
+    from nucleiflow.pipeline.slide.reader import SlideError, open_slide
+    from nucleiflow.pipeline.tiles.plan import plan_tiles
+    from nucleiflow.pipeline.slide.tissue import detect_tissue, overlay_png
 
     try:
         with open_slide(slide, mpp=mpp) as reader:
@@ -114,8 +114,8 @@ def evaluate(
 ) -> None:
     """Per-image and mean Dice, IoU, AJI, PQ, DQ, SQ, F1 through the slide segmentation path."""
     from nucleiflow.models.checkpoint import load_checkpoint
-    from nucleiflow.pipeline.evaluation import METRICS, evaluate as run_evaluate
-    from nucleiflow.pipeline.inference import Predictor
+    from nucleiflow.pipeline.train.evaluation import METRICS, evaluate as run_evaluate
+    from nucleiflow.pipeline.infer.stream import Predictor
 
     try:
         net, card = load_checkpoint(model)
@@ -189,7 +189,7 @@ def segment(
     if device not in ("auto", "cpu", "cuda"):
         fail(f"--device must be auto, cpu or cuda, not {device!r}")
     from nucleiflow.flows.segment import check_model, check_output, format_report, run_batch
-    from nucleiflow.pipeline.manifest import expand_slides
+    from nucleiflow.pipeline.batch.manifest import expand_slides
 
     try:
         check_model(model)
@@ -216,7 +216,7 @@ def export_qupath(
     dest: Optional[Path] = typer.Option(None, "--dest", help="GeoJSON path (default <slide_dir>/nuclei.geojson)."),
 ) -> None:
     """Nuclei as GeoJSON detections for QuPath (File > Import objects), streamed from the table."""
-    from nucleiflow.pipeline.qupath import export_slide
+    from nucleiflow.pipeline.outputs.qupath import export_slide
 
     try:
         path, n = export_slide(slide_dir, dest)

@@ -37,12 +37,12 @@ from prefect.states import Completed, Failed, State
 
 from nucleiflow.models.checkpoint import CARD, WEIGHTS, load_checkpoint, model_hash, resolve
 from nucleiflow.pipeline.config import SegmentConfig
-from nucleiflow.pipeline.inference import Predictor
-from nucleiflow.pipeline.manifest import SlideJob, expand_slides
-from nucleiflow.pipeline.slidejob import segment_slide
-from nucleiflow.pipeline.slides import SlideError
-from nucleiflow.pipeline.summary import write_summary
-from nucleiflow.pipeline.writers import write_json_atomic
+from nucleiflow.pipeline.infer.stream import Predictor
+from nucleiflow.pipeline.batch.manifest import SlideJob, expand_slides
+from nucleiflow.pipeline.batch.run_slide import segment_slide
+from nucleiflow.pipeline.slide.reader import SlideError
+from nucleiflow.pipeline.batch.report import write_summary
+from nucleiflow.pipeline.outputs.layout import write_json_atomic
 
 STATUSES = ("done", "skipped", "busy", "failed")
 MESSAGE_SLIDES = 10  # failed slides named in the flow run's state message (all are in the report)

@@ -1,6 +1,6 @@
 """Prefect flow `train-model`: train (or resume) -> evaluate on held-out data -> write the
 checkpoint and its card -> compare with the checkpoint it replaces. Logic lives in
-nucleiflow.pipeline.training / evaluation / modelcard; this module only orchestrates."""
+nucleiflow.pipeline.train.loop / evaluation / modelcard; this module only orchestrates."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,12 +10,12 @@ from pydantic import ValidationError
 
 from nucleiflow.models.checkpoint import load_checkpoint, resolve, save_checkpoint, storage_roundtrip
 from nucleiflow.pipeline.config import load_yaml
-from nucleiflow.pipeline.datasets import read_splits
-from nucleiflow.pipeline.evaluation import evaluate
-from nucleiflow.pipeline.inference import Predictor
-from nucleiflow.pipeline.modelcard import build_card, compare_rows, render_markdown
-from nucleiflow.pipeline.tuning import tune_postprocess
-from nucleiflow.pipeline.training import TrainConfig, split_records, train
+from nucleiflow.pipeline.train.datasets import read_splits
+from nucleiflow.pipeline.train.evaluation import evaluate
+from nucleiflow.pipeline.infer.stream import Predictor
+from nucleiflow.pipeline.train.card import build_card, compare_rows, render_markdown
+from nucleiflow.pipeline.train.tuning import tune_postprocess
+from nucleiflow.pipeline.train.loop import TrainConfig, split_records, train
 
 
 def read_config(path: str | Path) -> TrainConfig:

@@ -1,0 +1,228 @@
+"""The morning after: a nuclei overlay PNG per slide, a batch summary CSV and an area plot.
+
+``<out>/<slide_id>/nuclei_overlay.png``  slide thumbnail with every nucleus outline, drawn
+                                         from the GeoParquet table, streamed by row group
+``<out>/summary.csv``                    one row per finished slide in ``<out>``: nuclei,
+                                         tissue mm2, nuclei per mm2, area quantiles
+``<out>/summary.png``                    the nucleus area distribution of each slide
+
+All three are drawn with PIL (no plotting dependency) and written atomically (temp + rename).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import shapely
+from PIL import Image, ImageDraw, ImageFont
+
+from nucleiflow.pipeline.slide.reader import SlideError, SlideReader, open_slide
+from nucleiflow.pipeline.outputs.layout import slide_paths
+
+OVERLAY_NAME = "nuclei_overlay.png"
+OUTLINE = (0, 230, 0)  # green: stands out on haematoxylin purple and eosin pink alike
+SUMMARY_COLUMNS = ("slide_id", "nuclei", "tissue_mm2", "nuclei_per_mm2",
+                   "median_area_um2", "p10_area_um2", "p90_area_um2")
+PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
+
+
+# -- overlay ------------------------------------------------------------------------------
+def overlay_mpp(width_um: float, height_um: float, max_px: int = 2048, min_mpp: float = 0.5) -> float:
+    """um/px of an overlay: ``min_mpp`` (outlines of 5-10 um nuclei clear) unless the
+    longest side would exceed ``max_px``. Sizes in um."""
+    return max(min_mpp, max(width_um, height_um) / max_px)
+
+
+def draw_outlines(img: Image.Image, rings: Iterable[np.ndarray], colour=OUTLINE) -> int:
+    """Draw closed outlines on ``img`` in place; each ring is (n, 2) float (x, y) in image
+    px. A ring smaller than a pixel becomes one pixel. Returns the number drawn."""
+    draw = ImageDraw.Draw(img)
+    n = 0
+    for ring in rings:
+        xy = np.rint(ring).astype(np.int64)
+        if len(xy) and (np.ptp(xy[:, 0]) == 0 and np.ptp(xy[:, 1]) == 0):
+            draw.point(tuple(xy[0]), fill=colour)
+        elif len(xy) >= 2:
+            draw.line([tuple(p) for p in xy] + [tuple(xy[0])], fill=colour, width=1)
+        n += 1
+    return n
+
+
+def parquet_rings(parquet: str | os.PathLike, scale: float, batch_rows: int = 50_000) -> Iterator[np.ndarray]:
+    """Exterior rings of the table's polygons, level-0 px times ``scale``, one (n, 2)
+    array per nucleus; streamed ``batch_rows`` at a time (memory flat in slide size)."""
+    f = pq.ParquetFile(parquet)
+    for batch in f.iter_batches(batch_size=batch_rows, columns=["geometry"]):
+        geoms = shapely.from_wkb(batch.column(0).to_numpy(zero_copy_only=False))
+        coords, index = shapely.get_coordinates(shapely.get_exterior_ring(geoms), return_index=True)
+        if not len(index):
+            continue
+        cuts = np.flatnonzero(np.diff(index)) + 1
+        yield from np.split(coords * scale, cuts)
+
+
+def nuclei_overlay(reader: SlideReader, parquet: str | os.PathLike, path: str | os.PathLike,
+                   *, max_px: int = 2048, min_mpp: float = 0.5) -> Path:
+    """Thumbnail of the slide with each nucleus of ``parquet`` outlined -> PNG at ``path``.
+
+    The PNG is at ``overlay_mpp`` um/px; level-0 px (the table's coordinates) map to PNG
+    px by ``mpp_x / png_mpp``.
+    """
+    info = reader.info
+    mpp = overlay_mpp(info.width * info.mpp_x, info.height * info.mpp_y, max_px, min_mpp)
+    img = Image.fromarray(reader.thumbnail(mpp))
+    draw_outlines(img, parquet_rings(parquet, info.mpp_x / mpp))
+    return _save_png(img, Path(path))
+
+
+def slide_overlay(out: str | os.PathLike, slide_id: str, **kw) -> Path:
+    """Overlay of a finished slide in ``out``, reopening it as its run.json says."""
+    paths = slide_paths(out, slide_id)
+    rec = json.loads(paths["run_json"].read_text())
+    slide = rec.get("slide") or {}
+    mpp = slide.get("mpp_x") if slide.get("mpp_source") == "override" else None
+    with open_slide(rec["path"], mpp=mpp) as reader:
+        return nuclei_overlay(reader, paths["parquet"], paths["run_json"].parent / OVERLAY_NAME, **kw)
+
+
+def _save_png(img: Image.Image, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        img.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+# -- batch summary --------------------------------------------------------------------------
+def done_records(out: str | os.PathLike) -> list[dict]:
+    """run.json of every finished slide in ``out``, by slide id."""
+    recs = []
+    for p in sorted(Path(out).glob("*/run.json")):
+        try:
+            rec = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if rec.get("status") == "done" and rec.get("slide_id") == p.parent.name:
+            recs.append(rec)
+    return recs
+
+
+def read_areas(parquet: str | os.PathLike) -> np.ndarray:
+    """The ``area_um2`` column, float64 (one column of one slide: 8 bytes a nucleus)."""
+    f = pq.ParquetFile(parquet)
+    parts = [b.column(0).to_numpy(zero_copy_only=False) for b in f.iter_batches(columns=["area_um2"])]
+    return np.concatenate(parts).astype(np.float64) if parts else np.empty(0)
+
+
+def slide_row(slide_id: str, nuclei: int, tissue_mm2: float | None, areas: np.ndarray) -> dict:
+    """One summary row: density per mm2 of tissue (None without tissue) and area quantiles
+    (None without nuclei)."""
+    q = np.quantile(areas, [0.5, 0.1, 0.9]) if len(areas) else [None] * 3
+    density = nuclei / tissue_mm2 if tissue_mm2 else None
+    return {"slide_id": slide_id, "nuclei": int(nuclei), "tissue_mm2": tissue_mm2, "nuclei_per_mm2": density,
+            "median_area_um2": q[0], "p10_area_um2": q[1], "p90_area_um2": q[2]}
+
+
+def write_summary(out: str | os.PathLike, overlays: bool = True, log=None) -> tuple[Path, Path]:
+    """``<out>/summary.csv`` and ``<out>/summary.png`` over every finished slide in ``out``;
+    with ``overlays``, first draws the nuclei overlays that are missing or older than their
+    run.json (a run killed between the two). Returns (csv path, png path)."""
+    out = Path(out)
+    rows, areas = [], {}
+    for rec in done_records(out):
+        sid = rec["slide_id"]
+        paths = slide_paths(out, sid)
+        if not paths["parquet"].is_file():
+            continue
+        if overlays:
+            png = paths["run_json"].parent / OVERLAY_NAME
+            if not png.is_file() or png.stat().st_mtime < paths["run_json"].stat().st_mtime:
+                try:
+                    slide_overlay(out, sid)
+                except (SlideError, OSError, ValueError) as e:
+                    if log:
+                        log(f"{sid}: nuclei overlay not written: {e}")
+        a = read_areas(paths["parquet"])
+        areas[sid] = a
+        rows.append(slide_row(sid, rec.get("nuclei", len(a)), rec.get("tissue_mm2"), a))
+    csv_path = out / "summary.csv"
+    tmp = csv_path.with_name(f".{csv_path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: _fmt(v) for k, v in r.items()})
+        os.replace(tmp, csv_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    png_path = _save_png(area_plot(areas), out / "summary.png")
+    return csv_path, png_path
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float | np.floating):
+        return f"{float(v):.6g}"
+    return str(v)
+
+
+# -- area plot ------------------------------------------------------------------------------
+def area_bins(areas: dict[str, np.ndarray], n: int = 40) -> np.ndarray:
+    """Shared bin edges (um2) from 0 to the largest slide's 99th percentile, ``n`` bins."""
+    tops = [float(np.quantile(a, 0.99)) for a in areas.values() if len(a)]
+    top = max(tops) if tops else 100.0
+    return np.linspace(0.0, _nice(top), n + 1)
+
+
+def _nice(x: float) -> float:
+    """Smallest 1, 2, 2.5 or 5 x 10^k >= x: a round axis end."""
+    if x <= 0:
+        return 1.0
+    k = 10.0 ** math.floor(math.log10(x))
+    return next(m * k for m in (1, 2, 2.5, 5, 10) if m * k >= x)
+
+
+def area_plot(areas: dict[str, np.ndarray], size: tuple[int, int] = (900, 520)) -> Image.Image:
+    """Line plot of each slide's nucleus area distribution (fraction of its nuclei per bin)."""
+    w, h = size
+    left, right, top, bottom = 70, 190, 40, 60
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default(size=13)
+    edges = area_bins(areas)
+    fracs = {sid: np.histogram(a, edges)[0] / max(len(a), 1) for sid, a in areas.items()}
+    ymax = _nice(max([float(f.max()) for f in fracs.values() if f.size] + [0.01]))
+    px = lambda v: left + (v - edges[0]) / (edges[-1] - edges[0]) * (w - left - right)
+    py = lambda v: h - bottom - v / ymax * (h - top - bottom)
+    draw.rectangle([left, top, w - right, h - bottom], outline="black")
+    for t in np.linspace(edges[0], edges[-1], 6):
+        draw.line([px(t), h - bottom, px(t), h - bottom + 4], fill="black")
+        draw.text((px(t), h - bottom + 8), f"{t:g}", fill="black", font=font, anchor="mt")
+    for t in np.linspace(0, ymax, 5):
+        draw.line([left - 4, py(t), left, py(t)], fill="black")
+        draw.text((left - 8, py(t)), f"{t:.2g}", fill="black", font=font, anchor="rm")
+    draw.text(((left + w - right) / 2, h - 18), "nucleus area (um2)", fill="black", font=font, anchor="mm")
+    draw.text((left, 14), "fraction of a slide's nuclei per bin", fill="black", font=font, anchor="lm")
+    centres = (edges[:-1] + edges[1:]) / 2
+    for i, (sid, f) in enumerate(fracs.items()):
+        colour = PALETTE[i % len(PALETTE)]
+        if f.size and len(areas[sid]):
+            draw.line([(px(x), py(y)) for x, y in zip(centres, f)], fill=colour, width=2)
+        ly = top + 8 + 16 * i
+        draw.line([w - right + 12, ly, w - right + 32, ly], fill=colour, width=3)
+        draw.text((w - right + 38, ly), f"{sid[:18]} ({len(areas[sid])})", fill="black", font=font, anchor="lm")
+    if not areas:
+        draw.text(((left + w - right) / 2, h / 2), "no finished slides", fill="black", font=font, anchor="mm")
+    return img

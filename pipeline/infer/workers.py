@@ -1,0 +1,68 @@
+"""What runs inside reader and post-processing worker processes.
+
+Kept free of torch (and of everything else the model side needs), so each worker process
+imports only numpy, scipy, scikit-image, shapely and OpenSlide: about 300 MB less per
+worker than importing the inference module would cost.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from nucleiflow.pipeline.slide.reader import SlideReader
+from nucleiflow.pipeline.slide.stain import StainReference, normalise
+from nucleiflow.pipeline.tiles.plan import Tile, TilePlan
+from nucleiflow.pipeline.tiles.ownership import TileNuclei, process_tile
+
+# -- reader side (runs in reader processes) -------------------------------------------
+_READER: SlideReader | None = None
+_STAIN: StainReference | None = None
+
+
+def _init_reader(reader: SlideReader, stain: dict | None) -> None:
+    global _READER, _STAIN
+    _READER = reader
+    _STAIN = StainReference.from_dict(stain) if stain else None
+
+
+def _read_window(args: tuple[Tile, float, int, float]) -> tuple[Tile, np.ndarray, float]:
+    """`read_window` with this reader process's slide handle."""
+    assert _READER is not None
+    return read_window(_READER, _STAIN, args)
+
+
+def read_window(
+    reader: SlideReader, stain: StainReference | None, args: tuple[Tile, float, int, float]
+) -> tuple[Tile, np.ndarray, float]:
+    """Read a tile's fixed-size window (core origin - halo, tile_size + 2 halo) at the model mpp."""
+    tile, scale, window, mpp = args
+    t0 = time.perf_counter()
+    x0, y0 = tile.read.x0, tile.read.y0
+    # Exact (float) level-0 origin, not rounded: model px k must sample level-0 k * scale in
+    # every tile that sees it, or neighbours see the same nucleus up to half a level-0 px
+    # apart (seams) and polygons (placed at x0 * scale) drift from the pixels they outline.
+    rgb = reader.read(x0 * scale, y0 * scale, window, window, mpp)
+    if stain is not None:
+        rgb = normalise(rgb, stain)
+    return tile, rgb, time.perf_counter() - t0
+
+
+# -- post-processing side (runs in worker processes) -----------------------------------
+_PLAN: TilePlan | None = None
+_POST: dict = {}
+
+
+def _init_post(plan: TilePlan, post: dict) -> None:
+    global _PLAN, _POST
+    _PLAN, _POST = plan, post
+
+
+def _process(args: tuple[Tile, dict[str, np.ndarray]]) -> TileNuclei:
+    assert _PLAN is not None
+    return _process_with(_PLAN, _POST, args)
+
+
+def _process_with(plan: TilePlan, post: dict, args: tuple[Tile, dict[str, np.ndarray]]) -> TileNuclei:
+    tile, maps = args
+    return process_tile(tile, maps, plan, post)

@@ -1,0 +1,148 @@
+"""Per-tile work after the model: watershed, ownership, spill fragments, polygons.
+
+Runs in post-processing worker processes, so it takes and returns plain arrays. A tile's
+window is its core plus ``halo`` px per side. A nucleus is *owned* iff its centroid lies in
+the core; owned nuclei are kept whole, including the pixels that lie in a neighbour's core
+("spills"), which the stitcher paints into that neighbour's chunk.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from nucleiflow.pipeline.postprocess.morphometry import empty_table, nuclei_table, ownership, relabel, touches_border
+from nucleiflow.pipeline.postprocess.watershed import postprocess as run_postprocess
+from nucleiflow.pipeline.tiles.plan import Box, Tile, TilePlan
+
+
+@dataclass
+class Spill:
+    """Pixels of owned nuclei lying in grid cell ``cell``: ``labels`` (h, w) at ``box``."""
+
+    cell: tuple[int, int]
+    box: Box
+    labels: np.ndarray
+
+
+@dataclass
+class TileNuclei:
+    """What one tile contributes. Label ids are local (1..n); the stitcher offsets them.
+
+    core_labels: (core h, core w) int32 owned nuclei inside the core; prob: same shape uint8
+    (NP probability x 255); spills: owned pixels outside the core; window_labels: (W, W)
+    int32 owned nuclei on the whole window (for polygons); n: owned count; n_halo_edge: owned
+    nuclei touching the window border (halo too small); seconds: post-processing time.
+    """
+
+    tile: Tile
+    core_labels: np.ndarray
+    prob: np.ndarray
+    spills: list[Spill]
+    n: int
+    n_halo_edge: int
+    table: dict | None = None
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def owned_labels(labels: np.ndarray, core: Box) -> np.ndarray:
+    """Keep the instances whose centroid lies in ``core`` (window px), relabelled 1..n.
+
+    The rule is `polygons.ownership` (mean pixel centre in the half-open core, decided in
+    exact integers), so exactly one of two abutting cores owns each nucleus. Returns int32
+    (H, W); instances are numbered in order of their original label.
+    """
+    return relabel(labels, ownership(labels, core), 1)
+
+
+def split_spills(window: np.ndarray, tile: Tile, plan: TilePlan) -> list[Spill]:
+    """Owned pixels of ``window`` outside the tile's core, cut along the grid cells they fall in.
+
+    ``window`` (W, W) starts at the read box's origin. Every cell the window covers is
+    visited, not only the 8 neighbours of the core and not only the read box: a small core
+    (slide edge, shifted grid) has a window reaching past its read box, and a halo larger than
+    a cell reaches two cells away. Pixels the polygon table holds all reach the raster.
+    """
+    x0w, y0w = tile.read.x0, tile.read.y0
+    x1w, y1w = min(x0w + window.shape[1], plan.width), min(y0w + window.shape[0], plan.height)
+    x0w, y0w = max(x0w, 0), max(y0w, 0)
+    if x0w >= x1w or y0w >= y1w:
+        return []
+    rows, cols = plan.grid_shape
+    r0, c0 = plan.cell_of(x0w, y0w)
+    r1, c1 = plan.cell_of(x1w - 1, y1w - 1)
+    spills = []
+    for row in range(max(r0, 0), min(r1, rows - 1) + 1):
+        for col in range(max(c0, 0), min(c1, cols - 1) + 1):
+            if (row, col) == (tile.row, tile.col):
+                continue
+            cell = plan.cell_box(row, col)
+            x0, x1 = max(cell.x0, x0w), min(cell.x1, x1w)
+            y0, y1 = max(cell.y0, y0w), min(cell.y1, y1w)
+            if x0 >= x1 or y0 >= y1:
+                continue
+            crop = window[y0 - tile.read.y0 : y1 - tile.read.y0, x0 - tile.read.x0 : x1 - tile.read.x0]
+            if crop.any():
+                spills.append(Spill((row, col), Box(x0, y0, x1, y1), crop.copy()))
+    return spills
+
+
+def inside_slide(labels: np.ndarray, tile: Tile, plan: TilePlan) -> np.ndarray:
+    """``labels`` (window) with the pixels past the slide's edges set to 0 (a copy if any are).
+
+    Nothing exists outside the slide: a model may still paint blobs on the white glass that
+    readers return there. Clipped, a nucleus' table row (area, centroid, polygon) describes
+    exactly the pixels the label raster, which ends at the slide's edge, can hold.
+    """
+    x0, y0 = tile.read.x0, tile.read.y0
+    h, w = labels.shape
+    cx0, cy0 = max(0, -x0), max(0, -y0)
+    cx1, cy1 = min(w, plan.width - x0), min(h, plan.height - y0)
+    if (cx0, cy0, cx1, cy1) == (0, 0, w, h):
+        return labels
+    out = np.zeros_like(labels)
+    if cx0 < cx1 and cy0 < cy1:
+        out[cy0:cy1, cx0:cx1] = labels[cy0:cy1, cx0:cx1]
+    return out
+
+
+def own_tile(tile: Tile, labels: np.ndarray, prob: np.ndarray, plan: TilePlan) -> TileNuclei:
+    """Ownership + spills for a tile whose window instance labels are ``labels`` (W, W)."""
+    h = plan.halo
+    core_in_window = Box(h, h, h + tile.core.width, h + tile.core.height)
+    window = owned_labels(inside_slide(labels, tile, plan), core_in_window)
+    core = window[h : h + tile.core.height, h : h + tile.core.width]
+    prob_core = prob[h : h + tile.core.height, h : h + tile.core.width]
+    return TileNuclei(
+        tile=tile,
+        core_labels=np.ascontiguousarray(core),
+        prob=np.clip(np.rint(prob_core * 255), 0, 255).astype(np.uint8),
+        spills=split_spills(window, tile, plan),
+        n=int(window.max()),
+        n_halo_edge=int(touches_border(window).size),
+        extra={"window_labels": window},
+    )
+
+
+def empty_tile_table(classes: bool = False) -> dict:
+    """A no-row table with exactly the columns ``process_tile`` gives (for a slide with no
+    tiles: its file must have the batch's schema, or readers of the batch drop columns)."""
+    return empty_table(classes=classes, border=True)
+
+
+def process_tile(tile: Tile, maps: dict[str, np.ndarray], plan: TilePlan, post: dict) -> TileNuclei:
+    """Watershed the model maps of one window, then ownership, spills and the polygon table."""
+    t0 = time.perf_counter()
+    params = {k: v for k, v in post.items() if k != "method"}
+    labels = run_postprocess(maps, post.get("method", "hv"), **params)
+    res = own_tile(tile, labels, maps["prob"], plan)
+    window = res.extra.pop("window_labels")
+    res.table = nuclei_table(
+        window, maps["prob"], mpp0=plan.mpp / plan.scale, offset=(tile.read.x0, tile.read.y0),
+        scale=plan.scale, ids=1, type_prob=maps.get("type_prob"),
+        border_labels=touches_border(window),
+    )
+    res.seconds = time.perf_counter() - t0
+    return res

@@ -1,0 +1,276 @@
+"""Training: typed config, a resumable loop with early stopping, distillation, the model card.
+
+The Prefect flow in flows/train.py only orchestrates these functions. The loop saves its
+whole state (weights, optimiser, scheduler, RNGs, best weights, patience) after every epoch
+to ``<work>/last.pt`` (atomic rename), and a re-run with the same config resumes there.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from nucleiflow.models import losses
+from nucleiflow.models.checkpoint import load_checkpoint
+from nucleiflow.models.registry import create_model
+from nucleiflow.pipeline.train.datasets import AnnotatedDataset, PatchSampler, read_splits, tiles, validation_split
+from nucleiflow.pipeline.train.unlabelled import unlabelled_tiles
+from nucleiflow.pipeline.infer.stream import pick_device
+
+
+class DataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    root: str = Field(description="Data set in the shared/data layout (images/, labels/, splits.csv).")
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    names: list[str] | None = Field(None, description="Train on these train-split images only.")
+    eval_split: str = "test"
+    eval_names: list[str] | None = None
+
+
+class TeacherConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(description="Registered checkpoint name or path.")
+    alpha: float = Field(0.5, ge=0, le=1, description="Weight of the student (label) loss.")
+    temperature: float = Field(1.0, gt=0)
+    unlabelled_slides: list[str] = Field(default_factory=list, description="Slides to cut unlabelled tiles from.")
+    unlabelled_tiles: int = Field(64, ge=0)
+    unlabelled_every: int = Field(2, ge=1, description="One unlabelled batch every N steps.")
+
+
+class LoopConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    epochs: int = Field(40, ge=1)
+    steps_per_epoch: int = Field(25, ge=1)
+    batch_size: int = Field(8, ge=1)
+    patch: int = Field(256, ge=32)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    patience: int = Field(8, ge=1, description="Epochs without validation improvement before stopping.")
+    max_minutes: float | None = Field(None, gt=0, description="Stop (and finish) after this long.")
+    seed: int = 0
+    stage_epochs: list[int] | None = Field(None, description="twostage: epochs of stage1, stage2, finetune.")
+
+
+class TrainConfig(BaseModel):
+    """One training run, as written in configs/*.yaml."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    arch: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    mpp: float = Field(0.5, gt=0)
+    data: DataConfig
+    train: LoopConfig = Field(default_factory=LoopConfig)
+    teacher: TeacherConfig | None = None
+    postprocess: dict[str, Any] = Field(default_factory=lambda: {"method": "hv"})
+    tune_postprocess: bool = Field(True, description="Choose thresholds on the validation images.")
+    out: str = Field(description="Checkpoint folder to write (model.safetensors + model.json).")
+    work: str = Field(description="Folder for resumable training state.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    eval_tile_size: int = 512
+
+    def key(self) -> str:
+        """Hash of everything that shapes the trained weights (not where they go)."""
+        data = self.model_dump(exclude={"out", "device", "eval_tile_size", "tune_postprocess"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _loss(arch: str, out: dict, tgt: dict | None, teacher_out: dict | None, cfg: TrainConfig,
+          stage: str | None = None) -> torch.Tensor:
+    """The paper's loss for each architecture (distillation when there is a teacher)."""
+    if teacher_out is not None:
+        t = cfg.teacher
+        assert t is not None
+        return losses.hover_unet_loss(out, tgt, teacher_out, alpha=t.alpha, T=t.temperature)[0]
+    if arch == "student" or "hv" in out:
+        return losses.student_loss(out, tgt)[0]
+    if arch == "twostage":
+        return losses.twostage_loss(out, tgt, stage=stage or "finetune")[0]
+    return losses.golo_loss(out, tgt)[0]
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _stage(cfg: TrainConfig, epoch: int) -> str | None:
+    """twostage schedule (enhancement paper): stage1, then frozen stage1 + stage2, then both."""
+    if cfg.arch != "twostage" or not cfg.train.stage_epochs:
+        return None
+    bounds = np.cumsum(cfg.train.stage_epochs)
+    return ("stage1", "stage2", "finetune")[min(int(np.searchsorted(bounds, epoch, side="right")), 2)]
+
+
+def _save_state(path: Path, state: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def split_records(cfg: TrainConfig) -> tuple[list[str], list[str]]:
+    """(train names, validation names), carved from the train split only."""
+    records = [r for r in read_splits(cfg.data.root) if r.split == "train"]
+    if cfg.data.names:
+        # A name outside the train split (a typo, or a test image) is an error, not skipped.
+        unknown = sorted(set(cfg.data.names) - {r.name for r in records})
+        if unknown:
+            raise ValueError(f"data.names not in the train split of {cfg.data.root}: {unknown}")
+        records = [r for r in records if r.name in set(cfg.data.names)]
+    train, val = validation_split(records, fraction=cfg.data.val_fraction, seed=cfg.train.seed)
+    return [r.name for r in train], [r.name for r in val]
+
+
+def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
+    """Train (or resume) and return {"model", "history", "epochs", "best_val", "seconds", ...}."""
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.train.seed)
+    work = Path(cfg.work)
+    work.mkdir(parents=True, exist_ok=True)
+    train_names, val_names = split_records(cfg)
+    log(f"data: {len(train_names)} train / {len(val_names)} validation images at {cfg.mpp} um/px")
+    train_ds = AnnotatedDataset(cfg.data.root, train_names, mpp=cfg.mpp)
+    val_ds = AnnotatedDataset(cfg.data.root, val_names, mpp=cfg.mpp)
+    sampler = PatchSampler(train_ds, patch=cfg.train.patch, seed=cfg.train.seed)
+    val_batches = list(tiles(val_ds, patch=cfg.train.patch, batch_size=cfg.train.batch_size))
+
+    model = create_model(cfg.arch, **cfg.kwargs).to(device)
+    teacher = unlabelled = None
+    if cfg.teacher is not None:
+        teacher, tcard = load_checkpoint(cfg.teacher.model, map_location=device)
+        teacher.eval().requires_grad_(False)
+        log(f"teacher: {cfg.teacher.model} ({tcard.get('arch')}), alpha={cfg.teacher.alpha}")
+        if abs(float(tcard.get("mpp", cfg.mpp)) - cfg.mpp) > 1e-6:
+            # The teacher sees the student's tiles: at another scale its outputs are off.
+            log(f"warning: teacher was trained at {tcard['mpp']} um/px, the student trains at {cfg.mpp}")
+        if cfg.teacher.unlabelled_slides and cfg.teacher.unlabelled_tiles:
+            unlabelled = unlabelled_tiles(
+                cfg.teacher.unlabelled_slides, cfg.mpp, cfg.train.patch, cfg.teacher.unlabelled_tiles, seed=cfg.train.seed
+            )
+            log(f"unlabelled: {len(unlabelled.arrays)} tissue tiles from {len(cfg.teacher.unlabelled_slides)} slides")
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.train.epochs, eta_min=cfg.train.lr * 0.05)
+    amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    if amp:
+        model = model.to(memory_format=torch.channels_last)
+
+    state_path = work / "last.pt"
+    start, history, best_val, best_state, bad = 0, [], math.inf, None, 0
+    elapsed, stopped = 0.0, None
+    if state_path.exists():
+        st = torch.load(state_path, map_location=device, weights_only=False)
+        if st.get("key") == cfg.key():
+            model.load_state_dict(st["model"])
+            opt.load_state_dict(st["opt"])
+            sched.load_state_dict(st["sched"])
+            sampler.set_state(st["sampler"])
+            torch.set_rng_state(st["torch_rng"])
+            start, history, best_val, bad = st["epoch"], st["history"], st["best_val"], st["bad"]
+            best_state, elapsed = st["best_state"], st.get("seconds", 0.0)
+            stopped = st.get("stopped")
+            if unlabelled is not None and st.get("unlabelled_rng") is not None:
+                unlabelled.rng.bit_generator.state = st["unlabelled_rng"]
+            if stopped:  # early stop / time budget: a re-run must not train on past it
+                log(f"training already finished at epoch {start} ({stopped}); not training further")
+            else:
+                log(f"resuming from epoch {start} (best validation loss {best_val:.4f})")
+        else:
+            log(f"{state_path} belongs to another config; starting afresh")
+
+    t_start = time.perf_counter() - elapsed
+    epoch = start
+    for epoch in range(start, cfg.train.epochs if not stopped else start):
+        stage = _stage(cfg, epoch)
+        if stage is not None:
+            model.set_stage(stage)
+        model.train()
+        if stage == "stage2":  # frozen stage 1 keeps its BatchNorm statistics
+            model.set_stage(stage)
+        t0, running = time.perf_counter(), []
+        for step in range(cfg.train.steps_per_epoch):
+            batch = _to(sampler.sample(cfg.train.batch_size), device)
+            x = batch.pop("image")
+            tgt = batch
+            # The last step of every N is unlabelled (N = 1: all of them).
+            if unlabelled is not None and step % cfg.teacher.unlabelled_every == cfg.teacher.unlabelled_every - 1:
+                x, tgt = unlabelled.sample(cfg.train.batch_size)["image"].to(device), None
+            if amp:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+                out = model(x)
+                t_out = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        t_out = teacher(x)
+                loss = _loss(cfg.arch, out, tgt, t_out, cfg, stage)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            running.append(float(loss.detach()))
+        sched.step()
+        val = validation_loss(model, val_batches, cfg, device, stage)
+        train_loss = float(np.mean(running))
+        improved = val < best_val - 1e-4
+        if improved:
+            best_val, bad = val, 0
+            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        else:
+            bad += 1
+        history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val,
+                        "seconds": round(time.perf_counter() - t0, 2), "stage": stage})
+        log(f"epoch {epoch + 1}/{cfg.train.epochs}  train {train_loss:.4f}  val {val:.4f}"
+            f"{'  *' if improved else ''}  ({time.perf_counter() - t0:.1f} s)")
+        stage_change = _stage(cfg, epoch + 1) != stage
+        if bad >= cfg.train.patience and not stage_change and stage in (None, "finetune"):
+            stopped = f"early stop: no validation improvement for {bad} epochs"
+        elif cfg.train.max_minutes and time.perf_counter() - t_start > cfg.train.max_minutes * 60:
+            stopped = f"time budget of {cfg.train.max_minutes} min reached"
+        # The stop decision is saved too, so a re-run of a stopped run does not train on.
+        _save_state(state_path, {
+            "key": cfg.key(), "epoch": epoch + 1, "model": model.state_dict(), "opt": opt.state_dict(),
+            "sched": sched.state_dict(), "sampler": sampler.get_state(), "torch_rng": torch.get_rng_state(),
+            "unlabelled_rng": unlabelled.rng.bit_generator.state if unlabelled is not None else None,
+            "history": history, "best_val": best_val, "best_state": best_state, "bad": bad,
+            "seconds": time.perf_counter() - t_start, "stopped": stopped,
+        })
+        if stopped:
+            log(stopped)
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return {
+        "model": model, "history": history, "epochs": len(history), "best_val": best_val,
+        "seconds": round(time.perf_counter() - t_start, 1), "train_names": train_names, "val_names": val_names,
+        "device": str(device), "hardware": hardware(device),
+    }
+
+
+@torch.no_grad()
+def validation_loss(model: torch.nn.Module, batches: list[dict], cfg: TrainConfig, device, stage=None) -> float:
+    """Mean loss over fixed validation crops (the labelled loss only, without a teacher)."""
+    model.eval()
+    vals = []
+    for batch in batches:
+        b = _to(batch, device)
+        x = b.pop("image")
+        vals.append(float(_loss(cfg.arch, model(x), b, None, cfg, stage)))
+    return float(np.mean(vals))
+
+
+def hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU x{torch.get_num_threads()} threads"

@@ -1,0 +1,117 @@
+"""Batch manifests and the morning-after summary pieces (overlay drawing, summary.csv
+numbers, the area plot), on tiny hand-made inputs."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from slidefiles import write_tiff
+
+from nucleiflow.pipeline.batch.manifest import expand_slides, read_manifest
+from nucleiflow.pipeline.postprocess.morphometry import nuclei_table
+from nucleiflow.pipeline.slide.reader import ArraySlide
+from nucleiflow.pipeline.batch.report import (
+    area_plot, draw_outlines, nuclei_overlay, overlay_mpp, parquet_rings, slide_row, write_summary,
+)
+from nucleiflow.pipeline.outputs.layout import GeoParquetWriter, slide_paths, write_json_atomic
+
+
+# -- manifests -----------------------------------------------------------------------------
+def test_manifest_header_bom_blank_lines_and_mpp(tmp_path):
+    m = tmp_path / "batch.csv"
+    m.write_text("\ufeffPath , MPP,slide_id\n a.svs ,0.25,\n\nsub/b.tiff,,bee\n", encoding="utf-8")
+    jobs = read_manifest(m)
+    assert [(Path(j.path).relative_to(tmp_path).as_posix(), j.slide_id, j.mpp) for j in jobs] == [
+        ("a.svs", "a", 0.25), ("sub/b.tiff", "bee", None)]
+    # --mpp fills in only where the manifest has none
+    assert [j.mpp for j in expand_slides([str(m)], mpp=0.5)] == [0.25, 0.5]
+    m.write_text("path,mpp\na.svs,-1\n")
+    with pytest.raises(ValueError, match="batch.csv:2: mpp must be positive"):
+        read_manifest(m)
+
+
+# -- summary pieces --------------------------------------------------------------------------
+def square_ring(x0, y0, x1, y1) -> np.ndarray:
+    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], float)
+
+
+def test_draw_outlines_draws_the_ring_and_leaves_the_inside():
+    img = Image.new("RGB", (12, 10), (255, 255, 255))
+    assert draw_outlines(img, [square_ring(2, 2, 8, 6), square_ring(10.2, 8.1, 10.4, 8.3)], colour=(255, 0, 0)) == 2
+    a = np.array(img)
+    red = (a == [255, 0, 0]).all(-1)
+    expected = np.zeros((10, 12), bool)
+    expected[2, 2:9] = expected[6, 2:9] = expected[2:7, 2] = expected[2:7, 8] = True
+    expected[8, 10] = True  # a sub-pixel nucleus is one pixel
+    np.testing.assert_array_equal(red, expected)
+
+
+def tiny_slide_table(tmp_path: Path, sid: str, mpp0: float = 0.5):
+    """Two nuclei: 10x10 and 10x20 model px at scale 1 (level-0 = model px)."""
+    labels = np.zeros((40, 60), np.int32)
+    labels[5:15, 5:15] = 1
+    labels[20:30, 30:50] = 2
+    table = nuclei_table(labels, np.full(labels.shape, 0.9, np.float32), mpp0=mpp0, scale=1.0, ids=1)
+    paths = slide_paths(tmp_path, sid)
+    w = GeoParquetWriter(paths["parquet"], {"slide_id": sid})
+    w.write(table)
+    w.close()
+    return paths
+
+
+def test_parquet_rings_stream_level0_polygons_scaled(tmp_path):
+    paths = tiny_slide_table(tmp_path, "s")
+    rings = list(parquet_rings(paths["parquet"], 0.5, batch_rows=1))
+    assert len(rings) == 2
+    lo, hi = rings[1].min(0), rings[1].max(0)
+    np.testing.assert_allclose([lo, hi], [[15, 10], [25, 15]], atol=0.6)  # (30..50, 20..30) / 2
+
+
+def test_nuclei_overlay_outlines_each_nucleus_on_the_thumbnail(tmp_path):
+    paths = tiny_slide_table(tmp_path, "s", mpp0=1.0)
+    reader = ArraySlide(np.full((40, 60, 3), 200, np.uint8), mpp=1.0)
+    png = nuclei_overlay(reader, paths["parquet"], tmp_path / "s" / "nuclei_overlay.png", min_mpp=1.0)
+    a = np.array(Image.open(png))
+    assert a.shape == (40, 60, 3)  # 1 um/px: the slide's own pixels
+    marked = (a != 200).any(-1)
+    assert marked[5, 7:13].all() and marked[22:28, 30].all()  # top edge of 1, left edge of 2 (corners cut)
+    assert not marked[8:12, 8:12].any() and not marked[35:, :].any()  # insides, glass
+    assert overlay_mpp(100_000, 50_000, max_px=2000) == 50.0 and overlay_mpp(500, 800, min_mpp=1.0) == 1.0
+
+
+def test_slide_row_density_and_area_quantiles():
+    areas = np.arange(1.0, 101.0)
+    r = slide_row("s", 100, 2.0, areas)
+    assert r["nuclei_per_mm2"] == 50.0 and r["median_area_um2"] == 50.5
+    assert r["p10_area_um2"] == pytest.approx(10.9) and r["p90_area_um2"] == pytest.approx(90.1)
+    empty = slide_row("blank", 0, 0.0, np.empty(0))
+    assert empty["nuclei_per_mm2"] is None and empty["median_area_um2"] is None
+
+
+def test_write_summary_reads_every_done_slide_and_draws_missing_overlays(tmp_path):
+    for sid, tissue in (("a", 0.5), ("b", 0.25)):
+        paths = tiny_slide_table(tmp_path, sid)
+        slide = tmp_path / f"{sid}.tiff"
+        write_tiff(slide, np.full((40, 60, 3), 220, np.uint8), mpp=None)
+        write_json_atomic(paths["run_json"], {"slide_id": sid, "status": "done", "nuclei": 2, "tissue_mm2": tissue,
+                                              "path": str(slide), "slide": {"mpp_x": 0.5, "mpp_source": "override"}})
+    write_json_atomic(tmp_path / "c" / "run.json", {"slide_id": "c", "status": "failed"})
+    csv_path, png_path = write_summary(tmp_path, log=pytest.fail)
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [r["slide_id"] for r in rows] == ["a", "b"]
+    areas = pq.read_table(slide_paths(tmp_path, "a")["parquet"], columns=["area_um2"])["area_um2"].to_numpy()
+    assert float(rows[0]["nuclei_per_mm2"]) == 4.0 and float(rows[1]["nuclei_per_mm2"]) == 8.0
+    assert float(rows[0]["median_area_um2"]) == pytest.approx(np.median(areas), rel=1e-5)
+    assert Image.open(png_path).size == (900, 520)
+    assert (tmp_path / "a" / "nuclei_overlay.png").is_file() and (tmp_path / "b" / "nuclei_overlay.png").is_file()
+
+
+def test_area_plot_draws_one_coloured_line_per_slide():
+    rng = np.random.default_rng(0)
+    img = np.array(area_plot({"a": rng.normal(40, 5, 500), "b": rng.normal(80, 5, 500)}))
+    for colour in ((31, 119, 180), (255, 127, 14)):
+        assert (img == colour).all(-1).sum() > 100

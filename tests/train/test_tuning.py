@@ -1,0 +1,30 @@
+"""Post-processing thresholds are chosen on validation (train-split) images only."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nucleiflow.models.registry import create_model
+from nucleiflow.pipeline.infer.stream import Predictor
+from nucleiflow.pipeline.train.tuning import GRIDS, tune_postprocess
+
+
+@pytest.fixture(scope="module")
+def predictor() -> Predictor:
+    torch.manual_seed(0)
+    net = create_model("student", base_channels=4, depth=2)
+    return Predictor(net, {"mpp": 1.0, "postprocess": {"method": "hv"}}, device="cpu")
+
+
+def test_returns_a_setting_from_the_grid(predictor, shared_data):
+    best, score = tune_postprocess(predictor, shared_data / "monuseg", ["TCGA-18-5592-01Z-00-DX1"],
+                                   {"method": "hv", "min_size": 4, "ksize": 5})
+    assert best["method"] == "hv" and best["min_size"] == 4 and best["ksize"] == 5
+    for k, values in GRIDS["hv"].items():
+        assert best[k] in values
+    assert 0.0 <= score <= 1.0
+
+
+def test_refuses_test_images(predictor, shared_data):
+    with pytest.raises(ValueError, match="validation"):
+        tune_postprocess(predictor, shared_data / "monuseg", ["TCGA-2Z-A9J9-01A-01-TS1"], {"method": "hv"})
