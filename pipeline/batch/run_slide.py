@@ -19,6 +19,7 @@ import shutil
 import socket
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -104,13 +105,15 @@ def segment_slide(
     model_hash: str,
     *,
     log=print,
+    progress: Callable[[int, int], None] | None = None,
     claim_ttl_s: float | None = None,
 ) -> dict:
     """Segment ``job`` into ``out``; returns the run record (also written as run.json).
 
     Status "skipped" (done before with this key), "busy" (another live worker holds the
     slide's claim; ``reason`` says who) or "done". Raises SlideError (bad slide) or OSError
-    (output) after removing partial outputs.
+    (output) after removing partial outputs. ``progress(done, total)`` is called with the
+    tile count once planned and after every tile; without it every 10th tile is logged.
     """
     out = Path(out)
     log = log or (lambda msg: None)  # None = quiet (on_tile below already allowed it)
@@ -135,11 +138,12 @@ def segment_slide(
             if is_done(paths["run_json"], key):
                 log(f"{job.slide_id}: finished by another worker meanwhile; skipping")
                 return {**base, "status": "skipped"}
-            return _segment_claimed(job, out, cfg, predictor, model_hash, reader, key, claim, log, t0)
+            return _segment_claimed(job, out, cfg, predictor, model_hash, reader, key, claim, log, t0, progress)
 
 
 def _segment_claimed(job: SlideJob, out: Path, cfg: SegmentConfig, predictor: Predictor, model_hash: str,
-                     reader: SlideReader, key: dict, claim: Claim, log, t0: float) -> dict:
+                     reader: SlideReader, key: dict, claim: Claim, log, t0: float,
+                     progress: Callable[[int, int], None] | None = None) -> dict:
     info, card = reader.info, predictor.card
     paths = slide_paths(out, job.slide_id)
     clean_partial(out, job.slide_id, claim)
@@ -161,10 +165,17 @@ def _segment_claimed(job: SlideJob, out: Path, cfg: SegmentConfig, predictor: Pr
         out, job.slide_id, shape=(plan.height, plan.width), mpp=plan.mpp, scale=plan.scale,
         chunk=cfg.tile_size, metadata=meta, tissue=tissue.mask, tissue_mpp=tissue.mpp,
     )
+    done = 0
+    if progress is None:
+        def progress(n: int, total: int) -> None:
+            if n and n % 10 == 0:
+                log(f"{job.slide_id}: {n}/{total} tiles")
+    progress(0, len(plan))
     try:
         def on_tile(tn, offset: int) -> None:
-            if (tn.tile.index + 1) % 10 == 0:
-                log(f"{job.slide_id}: {tn.tile.index + 1}/{len(plan)} tiles")
+            nonlocal done
+            done += 1
+            progress(done, len(plan))
 
         t = time.perf_counter()
         stats = segment_reader(
