@@ -286,7 +286,17 @@ def test_cli_prints_the_table_logs_the_reason_and_exits_1(prefect_api, inputs, t
     rows = {line.split()[0]: line for line in res.stdout.splitlines() if line.split()[:1] in (["mosaic"], ["corrupt"])}
     assert rows["mosaic"].split()[1] == "done" and rows["corrupt"].split()[1] == "failed"
     assert "not a slide OpenSlide can read" in rows["corrupt"]
-    assert "corrupt: failed: " in res.stdout + res.stderr  # the Prefect log line
+    both = res.stdout + res.stderr
+    assert both.count("tissue mm2") == 1  # the table, printed once (the flow no longer logs it)
+    # One log line per failure (besides its table row), no empty or engine traceback.
+    assert res.stderr.count("not a slide OpenSlide can read") == 1, res.stderr
+    assert "NoneType: None" not in both and "Traceback" not in both and "Engine execution" not in both
+    # Short prefixes ("HH:MM:SS LEVEL"), so ordinary lines fit a terminal; plain progress lines
+    # (stdout is a pipe here, no bar).
+    logs = [line for line in res.stderr.splitlines() if line[:2].isdigit()]
+    long = [line for line in logs if len(line) > 130 and "OpenSlide" not in line and str(tmp_path) not in line]
+    assert logs and not long, long
+    assert "mosaic: 1/" in res.stderr and "tiles, the first after" in res.stderr, res.stderr
     assert len(list((tmp_path / "out").glob("batch-*.json"))) == 1
 
 
