@@ -9,7 +9,7 @@
   slides; its data is a `SlidesFailed` carrying the report (see `failures` for why, and
   how Prefect's repeats of each reason and its engine traceback are kept out of the logs).
 * The run page shows a table artifact of the batch and a progress artifact per slide.
-* Slides are claimed (``pipeline.claims``): two batches on one output folder share the work
+* Slides are claimed (``pipeline.batch.claims``): two batches on one output folder share the work
   and report the other's slides as "busy".
 * ``dask_address`` (or ``segment_slides.with_options(task_runner=DaskTaskRunner(...))``)
   runs the slide tasks on a Dask cluster, one slide per Dask worker thread.
@@ -36,18 +36,17 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.states import Completed, Failed, State
 
-from nucleiflow.models.checkpoint import CARD, WEIGHTS, load_checkpoint, model_hash, resolve
-from nucleiflow.pipeline.config import SegmentConfig
-from nucleiflow.pipeline.infer.stream import Predictor
+from nucleiflow.models.checkpoint import CARD, WEIGHTS, model_hash, resolve
+from nucleiflow.pipeline.config import DEFAULT_MODEL, SegmentConfig
+from nucleiflow.pipeline.infer.predictor import Predictor, load_card, load_predictor
 from nucleiflow.pipeline.batch.manifest import SlideJob, expand_slides
 from nucleiflow.pipeline.batch.run_slide import segment_slide
 from nucleiflow.pipeline.slide.reader import SlideError
-from nucleiflow.pipeline.batch.report import write_summary
+from nucleiflow.pipeline.batch.report import STATUSES, format_report, write_summary
 from nucleiflow.pipeline.outputs.atomic import write_json_atomic
 from nucleiflow.flows.failures import SlidesFailed, quiet_expected_failures
 from nucleiflow.flows.progress import SlideProgress
 
-STATUSES = ("done", "skipped", "busy", "failed")
 TABLE_COLUMNS = ("slide_id", "status", "nuclei", "tissue_mm2", "seconds", "reason")
 # Every process importing the flow (the CLI, a worker's flow-run process, a Dask worker).
 quiet_expected_failures()
@@ -59,16 +58,17 @@ class OutputNotWritable(OSError):
 
 @lru_cache(maxsize=2)
 def _predictor(model: str, device: str) -> tuple[Predictor, str]:
-    net, card = load_checkpoint(model)
-    return Predictor(net, card, device=device), model_hash(resolve(model))
+    return load_predictor(model, device=device), model_hash(resolve(model))
 
 
 def check_model(model: str) -> None:
-    """Fail fast, before any slide, when the model cannot be found (KeyError / FileNotFoundError)."""
+    """Fail fast, before any slide, when the model cannot be found (KeyError /
+    FileNotFoundError) or its card does not validate (CardError, a ValueError)."""
     folder = resolve(model)
     missing = [n for n in (CARD, WEIGHTS) if not (folder / n).is_file()]
     if missing:
         raise FileNotFoundError(f"{folder} is not a checkpoint: missing {', '.join(missing)}")
+    load_card(folder)
 
 
 def check_output(out: str | os.PathLike) -> Path:
@@ -185,24 +185,11 @@ def run_slides(jobs: list[SlideJob], out: str, cfg: SegmentConfig, dask_address:
         return [_gather(j, f) for j, f in zip(jobs, futures)]
 
 
-def format_report(report: dict) -> list[str]:
-    """The batch table: slide, status, nuclei, tissue mm2, time, reason (a line per slide),
-    then the counts and the report's path."""
-    lines = [f"{'slide':<32} {'status':<8} {'nuclei':>8} {'tissue mm2':>10} {'time s':>8}  reason"]
-    for r in report["slides"]:
-        nuclei = "-" if r.get("nuclei") is None else str(r["nuclei"])
-        tissue = "-" if r.get("tissue_mm2") is None else f"{r['tissue_mm2']:.2f}"
-        secs = "-" if r.get("seconds") is None else f"{r['seconds']:.1f}"
-        lines.append(f"{r['slide_id']:<32} {r['status']:<8} {nuclei:>8} {tissue:>10} {secs:>8}  {r.get('reason') or ''}")
-    lines.append(", ".join(f"{report[s]} {s}" for s in STATUSES) + f"; report: {report.get('report', '-')}")
-    return lines
-
-
 @flow(name="segment-slides", log_prints=True)
 def segment_slides(
     slides: list[str] | str,
     out: str,
-    model: str = "student",
+    model: str = DEFAULT_MODEL,
     device: str = "auto",
     mpp: float | None = None,
     tile_size: int | None = None,

@@ -1,6 +1,6 @@
 """Prefect flow `train-model`: train (or resume) -> evaluate on held-out data -> write the
 checkpoint and its card -> compare with the checkpoint it replaces. Logic lives in
-nucleiflow.pipeline.train.loop / evaluation / modelcard; this module only orchestrates."""
+nucleiflow.pipeline.train.loop / evaluation / card; this module only orchestrates."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,7 +12,7 @@ from nucleiflow.models.checkpoint import load_checkpoint, resolve, save_checkpoi
 from nucleiflow.pipeline.config import load_yaml
 from nucleiflow.pipeline.train.datasets import read_splits
 from nucleiflow.pipeline.train.evaluation import evaluate
-from nucleiflow.pipeline.infer.stream import Predictor
+from nucleiflow.pipeline.infer.predictor import Predictor
 from nucleiflow.pipeline.train.card import build_card, compare_rows, render_markdown
 from nucleiflow.pipeline.train.tuning import tune_postprocess
 from nucleiflow.pipeline.train.loop import TrainConfig, split_records, train

@@ -1,4 +1,4 @@
-"""Per-tile work after the model: watershed, ownership, spill fragments, polygons.
+"""Which tile owns each nucleus, and the pixels owned nuclei spill into neighbouring cores.
 
 Runs in post-processing worker processes, so it takes and returns plain arrays. A tile's
 window is its core plus ``halo`` px per side. A nucleus is *owned* iff its centroid lies in
@@ -7,13 +7,12 @@ the core; owned nuclei are kept whole, including the pixels that lie in a neighb
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from nucleiflow.pipeline.postprocess.morphometry import empty_table, nuclei_table, ownership, relabel, touches_border
-from nucleiflow.pipeline.postprocess.watershed import postprocess as run_postprocess
+from nucleiflow.pipeline.postprocess.labels import relabel
+from nucleiflow.pipeline.postprocess.morphometry import BoxLike, box_coords, moments
 from nucleiflow.pipeline.tiles.plan import Box, Tile, TilePlan
 
 
@@ -47,10 +46,43 @@ class TileNuclei:
     extra: dict = field(default_factory=dict)
 
 
+def ownership(labels: np.ndarray, core_in_array: BoxLike) -> np.ndarray:
+    """Labels whose centroid lies in ``core_in_array``.
+
+    Args:
+        labels: (H, W) non-negative int instance labels, 0 = background.
+        core_in_array: half-open box ``(x0, y0, x1, y1)`` (or a `plan.Box`) in the
+            array's own pixel coordinates (pixel ``(r, c)`` spans ``[c, c+1) x [r, r+1)``).
+
+    Returns:
+        Sorted int64 array of kept label values. The centroid is the mean of pixel centres,
+        ``(mean(c) + 0.5, mean(r) + 0.5)``; the test ``x0 <= cx < x1`` is done in integers
+        (``2*x0*n <= 2*sum(c) + n < 2*x1*n``), so it does not depend on the array's offset.
+
+    >>> lab = np.zeros((4, 6), np.int32); lab[1:3, 2:4] = 1; lab[1:3, 4:6] = 2
+    >>> ownership(lab, (0, 0, 4, 4)).tolist()   # centroid x: 3.0 and 5.0
+    [1]
+    """
+    labels = np.asarray(labels)
+    x0, y0, x1, y1 = box_coords(core_in_array)
+    present, n, sx, sy = moments(labels)
+    tx, ty = 2 * sx + n, 2 * sy + n  # 2 * n * centroid
+    keep = (2 * x0 * n <= tx) & (tx < 2 * x1 * n) & (2 * y0 * n <= ty) & (ty < 2 * y1 * n)
+    return present[keep].astype(np.int64)
+
+
+def touches_border(labels: np.ndarray) -> np.ndarray:
+    """Sorted labels (> 0) with at least one pixel on the outer edge of ``labels`` (H, W)."""
+    labels = np.asarray(labels)
+    edge = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+    u = np.unique(edge)
+    return u[u > 0].astype(np.int64)
+
+
 def owned_labels(labels: np.ndarray, core: Box) -> np.ndarray:
     """Keep the instances whose centroid lies in ``core`` (window px), relabelled 1..n.
 
-    The rule is `polygons.ownership` (mean pixel centre in the half-open core, decided in
+    The rule is `ownership` (mean pixel centre in the half-open core, decided in
     exact integers), so exactly one of two abutting cores owns each nucleus. Returns int32
     (H, W); instances are numbered in order of their original label.
     """
@@ -124,25 +156,3 @@ def own_tile(tile: Tile, labels: np.ndarray, prob: np.ndarray, plan: TilePlan) -
         n_halo_edge=int(touches_border(window).size),
         extra={"window_labels": window},
     )
-
-
-def empty_tile_table(classes: bool = False) -> dict:
-    """A no-row table with exactly the columns ``process_tile`` gives (for a slide with no
-    tiles: its file must have the batch's schema, or readers of the batch drop columns)."""
-    return empty_table(classes=classes, border=True)
-
-
-def process_tile(tile: Tile, maps: dict[str, np.ndarray], plan: TilePlan, post: dict) -> TileNuclei:
-    """Watershed the model maps of one window, then ownership, spills and the polygon table."""
-    t0 = time.perf_counter()
-    params = {k: v for k, v in post.items() if k != "method"}
-    labels = run_postprocess(maps, post.get("method", "hv"), **params)
-    res = own_tile(tile, labels, maps["prob"], plan)
-    window = res.extra.pop("window_labels")
-    res.table = nuclei_table(
-        window, maps["prob"], mpp0=plan.mpp / plan.scale, offset=(tile.read.x0, tile.read.y0),
-        scale=plan.scale, ids=1, type_prob=maps.get("type_prob"),
-        border_labels=touches_border(window),
-    )
-    res.seconds = time.perf_counter() - t0
-    return res
