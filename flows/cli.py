@@ -173,6 +173,15 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print the cards' 
                    f"{r['held_out'] or '-':<10} {f(r['dice']):>6} {f(r['aji']):>6} {f(r['pq']):>6}  {others or '-'}")
 
 
+def _short_log_lines() -> None:
+    """One flow run in a terminal: no run names in every line, so lines fit 100 columns.
+    (Prefect's default prefix is ~50 characters; set before Prefect configures logging.)"""
+    fmt = "%(asctime)s %(levelname)-7s %(message)s"
+    for key, value in {"FORMAT": fmt, "FLOW_RUN_FMT": fmt, "DATEFMT": "%H:%M:%S",
+                       "TASK_RUN_FMT": "%(asctime)s %(levelname)-7s %(task_run_name)s - %(message)s"}.items():
+        os.environ.setdefault(f"PREFECT_LOGGING_FORMATTERS_STANDARD_{key}", value)
+
+
 @app.command()
 def segment(
     slides: list[str] = typer.Argument(..., help="Slide paths, globs, folders or CSV manifests (path[,mpp][,slide_id])."),
@@ -199,6 +208,7 @@ def segment(
     """
     if device not in ("auto", "cpu", "cuda"):
         fail(f"--device must be auto, cpu or cuda, not {device!r}")
+    _short_log_lines()
     from nucleiflow.flows.segment import check_model, check_output, format_report, run_batch
     from nucleiflow.pipeline.batch.manifest import expand_slides
 
