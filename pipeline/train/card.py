@@ -11,7 +11,7 @@ from nucleiflow.models.outputs import postprocess_method
 
 def build_card(cfg: Any, result: dict, metrics: dict | None, outputs: dict[str, int],
                postprocess: dict | None = None, by_data: dict[str, dict] | None = None) -> dict:
-    """Card for a model trained by `training.train` with config ``cfg`` (a TrainConfig).
+    """Card for a model trained by `train.loop.train` with config ``cfg`` (a TrainConfig).
 
     ``metrics`` is `evaluation.evaluate`'s result on the primary data set's held-out split
     (or None); ``by_data`` the same per data set name (the root's folder name);
@@ -45,17 +45,7 @@ def build_card(cfg: Any, result: dict, metrics: dict | None, outputs: dict[str, 
             "augment": cfg.augment.model_dump(),
             "init": cfg.init,
         },
-        "data": {
-            "root": str(cfg.primary.root),
-            "train": result["train_names"],
-            "validation": result["val_names"],
-            "validation_note": "carved from the train split; the test split is never used for training or selection",
-            "sets": [
-                {"root": str(d.root), "weight": d.weight, "group_by": d.group_by, "train": len(tr), "validation": len(va),
-                 "patches_sampled": result.get("sampled", {}).get(d.root)}
-                for d, (tr, va) in zip(cfg.data, result.get("splits") or [(result["train_names"], result["val_names"])])
-            ],
-        },
+        "data": _data_record(cfg, result),
         "metrics": {},
     }
     if metrics is not None:
@@ -71,6 +61,22 @@ def build_card(cfg: Any, result: dict, metrics: dict | None, outputs: dict[str, 
             name: {"split": r["split"], "n_images": r["n_images"], "mean": r["mean"]} for name, r in by_data.items()
         }
     return card
+
+
+def _data_record(cfg: Any, result: dict) -> dict:
+    """What the model was trained on: every data set, its weight, split sizes, patches drawn."""
+    splits = result.get("splits") or [(result["train_names"], result["val_names"])]
+    return {
+        "root": str(cfg.primary.root),
+        "train": result["train_names"],
+        "validation": result["val_names"],
+        "validation_note": "carved from the train split; the test split is never used for training or selection",
+        "sets": [
+            {"root": str(d.root), "weight": d.weight, "group_by": d.group_by, "train": len(tr), "validation": len(va),
+             "patches_sampled": result.get("sampled", {}).get(d.root)}
+            for d, (tr, va) in zip(cfg.data, splits)
+        ],
+    }
 
 
 def compare_rows(old: dict | None, new: dict) -> list[tuple[str, str, str, str]]:
