@@ -42,7 +42,7 @@ from nucleiflow.pipeline.batch.manifest import SlideJob, expand_slides
 from nucleiflow.pipeline.batch.run_slide import segment_slide
 from nucleiflow.pipeline.slide.reader import SlideError
 from nucleiflow.pipeline.batch.report import write_summary
-from nucleiflow.pipeline.outputs.layout import write_json_atomic
+from nucleiflow.pipeline.outputs.atomic import write_json_atomic
 
 STATUSES = ("done", "skipped", "busy", "failed")
 MESSAGE_SLIDES = 10  # failed slides named in the flow run's state message (all are in the report)

@@ -41,7 +41,8 @@ def storage_roundtrip(model: nn.Module) -> nn.Module:
 
 def _replace_atomically(path: Path, write) -> None:
     """Call write(tmp_path) on a temp name in the same folder, then rename over `path`."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    # The temp-name convention of pipeline.outputs.atomic (models may not import pipeline).
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         write(tmp)
         os.replace(tmp, path)

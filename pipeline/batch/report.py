@@ -23,6 +23,7 @@ import shapely
 from PIL import Image, ImageDraw, ImageFont
 
 from nucleiflow.pipeline.slide.reader import SlideError, SlideReader, open_slide
+from nucleiflow.pipeline.outputs.atomic import atomic_write
 from nucleiflow.pipeline.outputs.layout import slide_paths
 
 OVERLAY_NAME = "nuclei_overlay.png"
@@ -93,13 +94,8 @@ def slide_overlay(out: str | os.PathLike, slide_id: str, **kw) -> Path:
 
 
 def _save_png(img: Image.Image, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_write(path, durable=False) as tmp:
         img.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -156,16 +152,11 @@ def write_summary(out: str | os.PathLike, overlays: bool = True, log=None) -> tu
         areas[sid] = a
         rows.append(slide_row(sid, rec.get("nuclei", len(a)), rec.get("tissue_mm2"), a))
     csv_path = out / "summary.csv"
-    tmp = csv_path.with_name(f".{csv_path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
-            w.writeheader()
-            for r in rows:
-                w.writerow({k: _fmt(v) for k, v in r.items()})
-        os.replace(tmp, csv_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(csv_path, durable=False) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _fmt(v) for k, v in r.items()})
     png_path = _save_png(area_plot(areas), out / "summary.png")
     return csv_path, png_path
 

@@ -34,11 +34,12 @@ from nucleiflow.pipeline.batch.report import OVERLAY_NAME, nuclei_overlay
 from nucleiflow.pipeline.tiles.ownership import empty_tile_table
 from nucleiflow.pipeline.tiles.plan import plan_tiles
 from nucleiflow.pipeline.slide.tissue import detect_tissue, overlay_png
-from nucleiflow.pipeline.outputs.layout import open_slide_writers, slide_paths, write_json_atomic
+from nucleiflow.pipeline.outputs.atomic import TEMP_PATTERN, write_json_atomic
+from nucleiflow.pipeline.outputs.layout import SlideOutputs, slide_paths
 
-# Leftovers of killed runs: writers' ``.<name>.tmp-<pid>``, write_json_atomic's
-# ``.<name>.<random>.tmp`` and claims broken half-way (``.claim.stale-<random>``).
-TEMP_PATTERNS = (".*.tmp-*", ".*.tmp", ".claim.stale-*")
+# Leftovers of killed runs: temp files and folders (`atomic.temp_path`) and claims broken
+# half-way (``.claim.stale-<random>``).
+TEMP_PATTERNS = (TEMP_PATTERN, ".claim.stale-*")
 
 
 def run_key(fingerprint: str, model_hash: str, config_key: str) -> dict:
@@ -156,22 +157,18 @@ def _segment_claimed(job: SlideJob, out: Path, cfg: SegmentConfig, predictor: Pr
         f"tissue {tissue.fraction:.1%}, {len(plan)} tiles of {cfg.tile_size} px at {plan.mpp} um/px")
     meta = {"model": cfg.model, "model_hash": model_hash, "config_hash": cfg.key(),
             "slide_fingerprint": info.fingerprint, "source": str(job.path)}
-    writers = open_slide_writers(
+    outputs = SlideOutputs(
         out, job.slide_id, shape=(plan.height, plan.width), mpp=plan.mpp, scale=plan.scale,
         chunk=cfg.tile_size, metadata=meta, tissue=tissue.mask, tissue_mpp=tissue.mpp,
     )
-    table_writer, mask_writer = writers.writers
     try:
         def on_tile(tn, offset: int) -> None:
-            table = dict(tn.table)
-            table["nucleus_id"] = table["nucleus_id"] + offset
-            table_writer.write(table)
             if (tn.tile.index + 1) % 10 == 0:
                 log(f"{job.slide_id}: {tn.tile.index + 1}/{len(plan)} tiles")
 
         t = time.perf_counter()
         stats = segment_reader(
-            reader, plan, predictor, mask_writer, batch_size=cfg.batch_size, readers=cfg.readers,
+            reader, plan, predictor, outputs, batch_size=cfg.batch_size, readers=cfg.readers,
             workers=cfg.workers, on_tile=on_tile,
         )
         timings["stream"] = time.perf_counter() - t
@@ -179,18 +176,14 @@ def _segment_claimed(job: SlideJob, out: Path, cfg: SegmentConfig, predictor: Pr
             # No tile wrote a table: give the file the columns every other slide's has.
             # pyarrow, geopandas and DuckDB take a batch's schema from its first file and
             # silently drop columns missing there (touches_halo_edge, class_*).
-            table_writer.write(empty_tile_table(classes="tp" in (card.get("outputs") or {})))
+            outputs.write_table(empty_tile_table(classes="tp" in (card.get("outputs") or {})))
         overlay_png(reader, tissue, plan, paths["run_json"].parent / "overlay.png")
         t = time.perf_counter()
         claim.verify()  # never publish over a slide another worker now owns
-        # Masks first (the slow pyramid), the table last: a batch read of nuclei/ sees a
-        # final-named table only in the ms before run.json lands.
-        close_meta = {"nuclei": stats.nuclei}
-        mask_writer.close(close_meta)
-        table_writer.close(close_meta)
+        outputs.close({"nuclei": stats.nuclei})  # masks first, the table last (see SlideOutputs)
         timings["write_close"] = time.perf_counter() - t
     except BaseException:
-        writers.abort()
+        outputs.abort()
         _unpublish(paths, claim)
         raise
     if stats.halo_edge_nuclei:

@@ -1,7 +1,7 @@
-"""Segment one slide reader into a chunk store: plan -> stream tiles -> stitch.
+"""Segment one slide reader into a merger: stream tiles -> stitch (raster and table).
 
-This is the one code path behind `nucleiflow segment` (Zarr + GeoParquet stores) and
-`nucleiflow evaluate` / the training flow's evaluation (in-memory store on an ArraySlide).
+This is the one code path behind `nucleiflow segment` (`outputs.layout.SlideOutputs`) and
+`nucleiflow evaluate` / the training flow's evaluation (`MemoryMerger` on an ArraySlide).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 
 from nucleiflow.pipeline.infer.stream import Predictor, StageTimer, stream_tiles
 from nucleiflow.pipeline.slide.reader import SlideReader
-from nucleiflow.pipeline.tiles.stitch import ChunkStore, LabelStitcher, MemoryChunks
+from nucleiflow.pipeline.tiles.stitch import LabelStitcher, MemoryMerger, Merger
 from nucleiflow.pipeline.tiles.plan import TilePlan, plan_tiles
 from nucleiflow.pipeline.tiles.ownership import TileNuclei
 
@@ -31,16 +31,17 @@ def segment_reader(
     reader: SlideReader,
     plan: TilePlan,
     predictor: Predictor,
-    store: ChunkStore,
+    merger: Merger,
     *,
     batch_size: int = 4,
     readers: int = 0,
     workers: int = 0,
     on_tile: Callable[[TileNuclei, int], None] | None = None,
 ) -> SegmentStats:
-    """Run every planned tile; ``on_tile(tile_nuclei, id_offset)`` sees each tile's table."""
+    """Run every planned tile into ``merger`` (labels, prob and the nuclei rows, numbered
+    once by the stitcher); ``on_tile(tile_nuclei, id_offset)`` is called after each tile."""
     stats = SegmentStats()
-    stitcher = LabelStitcher(plan, store)
+    stitcher = LabelStitcher(plan, merger)
     post = dict(predictor.card.get("postprocess") or {"method": "hv"})
     for tn in stream_tiles(
         reader, plan, predictor, post, batch_size=batch_size, readers=readers, workers=workers,
@@ -65,9 +66,9 @@ def segment_array(
     """
     info = reader.info
     plan = plan_tiles(info.width, info.height, info.mpp_x, predictor.card["mpp"], tile_size=tile_size, halo=halo)
-    store = MemoryChunks(plan.height, plan.width)
-    segment_reader(reader, plan, predictor, store, batch_size=batch_size)
-    return resample_nearest(store.labels, info.height, info.width, plan.scale)
+    merger = MemoryMerger(plan.height, plan.width)
+    segment_reader(reader, plan, predictor, merger, batch_size=batch_size)
+    return resample_nearest(merger.labels, info.height, info.width, plan.scale)
 
 
 def resample_nearest(labels: np.ndarray, height: int, width: int, scale: float) -> np.ndarray:

@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import shapely
 
+from nucleiflow.pipeline.outputs.atomic import publish, temp_path
 from nucleiflow.pipeline.postprocess.morphometry import COLUMNS, OPTIONAL_COLUMNS, empty_table
 
 ROW_GROUP_ROWS = 100_000
@@ -135,7 +136,7 @@ class GeoParquetWriter:
         extent: (width, height) of the slide in level-0 px, for the Hilbert grid (default
             2**18 px, more than any slide; only the sort order depends on it).
 
-    The temp file is ``.<name>.tmp-<pid>`` in the same folder: the leading dot keeps
+    The temp file is `atomic.temp_path` (hidden, in the same folder): the leading dot keeps
     pyarrow/geopandas folder reads from ever seeing it, and the same folder makes the
     rename atomic. ``abort`` removes it; the final name only ever holds a complete file.
     """
@@ -151,7 +152,7 @@ class GeoParquetWriter:
         if row_group_rows < 1:
             raise ValueError(f"row_group_rows must be >= 1, got {row_group_rows}")
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.tmp = temp_path(self.path)
         self.metadata = dict(metadata or {})
         self.row_group_rows = row_group_rows
         self.extent = extent
@@ -163,10 +164,6 @@ class GeoParquetWriter:
         self._ids: list[np.ndarray] = []
         self._bbox = np.array([np.inf, np.inf, -np.inf, -np.inf])
         self._done = False
-
-    def write_tile(self, tile_core: Any, labels_core: Any, prob_core: Any, table: Any) -> None:
-        """Append the tile's owned nuclei (the rasters are for the Zarr writer)."""
-        self.write(table)
 
     def write(self, table: Any) -> None:
         """Append rows (a nuclei table: dict of columns or DataFrame)."""
@@ -223,9 +220,7 @@ class GeoParquetWriter:
             info = {**self.metadata, **(meta or {}), "rows": self._rows, "row_order": "hilbert within row group"}
             self._writer.add_key_value_metadata({"geo": json.dumps(geo_metadata(bbox)), "nucleiflow": json.dumps(info)})
             self._writer.close()
-            _fsync(self.tmp)
-            os.replace(self.tmp, self.path)
-            _fsync(self.path.parent)
+            publish(self.tmp, self.path)
         except BaseException:
             self.abort()
             raise
@@ -243,10 +238,3 @@ class GeoParquetWriter:
         self.tmp.unlink(missing_ok=True)
         self._buffer, self._buffered = [], 0
 
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -28,6 +28,8 @@ import numcodecs
 import numpy as np
 import zarr
 
+from nucleiflow.pipeline.outputs.atomic import publish, temp_path
+
 _KEYS = {"name": "v2", "separator": "/"}
 
 
@@ -114,7 +116,7 @@ class OmeZarrWriter:
         if tissue is not None and tissue_mpp is None:
             raise ValueError("tissue_mpp is required with a tissue mask")
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.tmp = temp_path(self.path)
         self.shape, self.chunk, self.mpp = (int(shape[0]), int(shape[1])), int(chunk), float(mpp)
         self.metadata = dict(metadata or {})
         self._done = False
@@ -150,7 +152,7 @@ class OmeZarrWriter:
         )
 
     def write_tile(
-        self, tile_core: Any, labels_core: np.ndarray | None, prob_core: np.ndarray | None, table: Any = None
+        self, tile_core: Any, labels_core: np.ndarray | None, prob_core: np.ndarray | None
     ) -> None:
         """Write one chunk-aligned core: labels (h, w) int (nucleus ids), prob (h, w) uint8 or float."""
         if self._done:
@@ -168,7 +170,7 @@ class OmeZarrWriter:
                 raise ValueError(f"array of shape {np.shape(data)} does not fit core {(x0, y0, x1, y1)}")
             arr[y0:y1, x0:x1] = convert(data)
 
-    # ChunkStore (pipeline.stitching): whole-chunk reads and writes from the one main process.
+    # Merger calls (tiles.stitch; `layout.SlideOutputs` adds the table): whole-chunk reads and writes from the one main process.
     def read_labels(self, box: Any) -> np.ndarray:
         """Level-0 labels of a chunk-aligned box (h, w) int32."""
         return np.asarray(self.labels[0][box.y0 : box.y1, box.x0 : box.x1])
@@ -189,9 +191,7 @@ class OmeZarrWriter:
                     downsample(src, dst, reduce)
             info = {**self.metadata, **(meta or {}), "mpp": self.mpp, "chunk": self.chunk}
             self._root.attrs.update({"nucleiflow": info})
-            if self.path.exists():  # an older, complete store of the same slide: replace it
-                shutil.rmtree(self.path)
-            os.replace(self.tmp, self.path)
+            publish(self.tmp, self.path, durable=False)  # replaces an older, complete store
         except BaseException:
             self.abort()
             raise

@@ -7,13 +7,15 @@ a slow annotation. Coordinates stay in level-0 pixels, which is what QuPath expe
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
 import pyarrow.parquet as pq
 import shapely
+
+from nucleiflow.pipeline.outputs.atomic import atomic_write
+from nucleiflow.pipeline.outputs.layout import slide_paths
 
 MEASUREMENTS = (
     "area_um2", "perimeter_um", "equivalent_diameter_um", "eccentricity", "solidity",
@@ -58,17 +60,12 @@ def write_geojson(parquet: Path, out: IO[str]) -> int:
 def export_slide(slide_dir: Path, dest: Path | None = None) -> tuple[Path, int]:
     """``<out>/<slide_id>`` -> ``<out>/<slide_id>/nuclei.geojson`` (or ``dest``), atomically."""
     slide_dir = Path(slide_dir)
-    parquet = slide_dir.parent / "nuclei" / f"slide_id={slide_dir.name}" / "part-0.parquet"
+    parquet = slide_paths(slide_dir.parent, slide_dir.name)["parquet"]
     if not (slide_dir / "run.json").is_file() or not parquet.is_file():
         raise FileNotFoundError(
             f"{slide_dir}: not a finished slide output (needs run.json and {parquet}); run `nucleiflow segment` first"
         )
     dest = Path(dest) if dest else slide_dir / "nuclei.geojson"
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            n = write_geojson(parquet, f)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(dest, durable=False) as tmp, open(tmp, "w") as f:
+        n = write_geojson(parquet, f)
     return dest, n

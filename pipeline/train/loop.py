@@ -27,6 +27,7 @@ from nucleiflow.models.registry import create_model
 from nucleiflow.pipeline.train.datasets import AnnotatedDataset, PatchSampler, read_splits, tiles, validation_split
 from nucleiflow.pipeline.train.unlabelled import unlabelled_tiles
 from nucleiflow.pipeline.infer.stream import pick_device
+from nucleiflow.pipeline.outputs.atomic import atomic_write
 
 
 class DataConfig(BaseModel):
@@ -113,9 +114,8 @@ def _stage(cfg: TrainConfig, epoch: int) -> str | None:
 
 
 def _save_state(path: Path, state: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path, durable=False) as tmp:
+        torch.save(state, tmp)
 
 
 def split_records(cfg: TrainConfig) -> tuple[list[str], list[str]]:

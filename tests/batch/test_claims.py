@@ -14,6 +14,7 @@ import pytest
 from nucleiflow.pipeline.batch import claims
 from nucleiflow.pipeline.batch.claims import ClaimLost, SlideBusy, acquire
 from nucleiflow.pipeline.batch.run_slide import clean_partial, tidy_done
+from nucleiflow.pipeline.outputs.atomic import temp_path
 from nucleiflow.pipeline.outputs.layout import slide_paths
 
 
@@ -135,7 +136,7 @@ def test_clean_partial_removes_leftovers_of_killed_runs_but_not_the_claim(tmp_pa
     c = acquire(paths["run_json"].parent)
     paths["parquet"].parent.mkdir(parents=True)
     leftovers = [paths["parquet"].with_name(".part-0.parquet.tmp-123"), paths["parquet"],
-                 paths["run_json"], paths["run_json"].with_name(".run.json.abc.tmp"),
+                 paths["run_json"], temp_path(paths["run_json"]), temp_path(paths["parquet"]),
                  paths["run_json"].with_name(".claim.stale-1a2b")]
     for p in leftovers:
         p.write_text("x")

@@ -17,7 +17,9 @@ from nucleiflow.pipeline.slide.reader import ArraySlide
 from nucleiflow.pipeline.batch.report import (
     area_plot, draw_outlines, nuclei_overlay, overlay_mpp, parquet_rings, slide_row, write_summary,
 )
-from nucleiflow.pipeline.outputs.layout import GeoParquetWriter, slide_paths, write_json_atomic
+from nucleiflow.pipeline.outputs.atomic import write_json_atomic
+from nucleiflow.pipeline.outputs.geoparquet import GeoParquetWriter
+from nucleiflow.pipeline.outputs.layout import slide_paths
 
 
 # -- manifests -----------------------------------------------------------------------------

@@ -46,7 +46,7 @@ from nucleiflow.pipeline.outputs.omezarr import OmeZarrWriter
 from nucleiflow.pipeline.infer.segment_reader import segment_reader
 from nucleiflow.pipeline.batch.run_slide import segment_slide
 from nucleiflow.pipeline.slide.reader import ArraySlide
-from nucleiflow.pipeline.tiles.stitch import MemoryChunks
+from nucleiflow.pipeline.tiles.stitch import MemoryMerger
 from nucleiflow.pipeline.train.targets import hv_maps
 from nucleiflow.pipeline.tiles.plan import plan_tiles
 from nucleiflow.pipeline.train.loop import TrainConfig, train
@@ -331,7 +331,7 @@ def segment_memory(reader, predictor, tile, halo, origin=(0, 0)):
     plan = plan_tiles(info.width, info.height, info.mpp_x, predictor.card["mpp"], tile_size=tile, halo=halo,
                       origin=origin)
     polys = []
-    stats = segment_reader(reader, plan, predictor, MemoryChunks(plan.height, plan.width),
+    stats = segment_reader(reader, plan, predictor, MemoryMerger(plan.height, plan.width),
                            on_tile=lambda tn, off: polys.extend(tn.table["geometry"]))
     return np.array(polys, dtype=object), stats
 

@@ -24,7 +24,9 @@ import zarr
 from PIL import Image
 from slidefiles import write_tiff
 
-from nucleiflow.pipeline.outputs.layout import GeoParquetWriter, slide_paths, write_json_atomic
+from nucleiflow.pipeline.outputs.atomic import write_json_atomic
+from nucleiflow.pipeline.outputs.geoparquet import GeoParquetWriter
+from nucleiflow.pipeline.outputs.layout import slide_paths
 
 
 # -- a real batch full of bad input ----------------------------------------------------------

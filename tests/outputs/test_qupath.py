@@ -8,7 +8,9 @@ import pytest
 
 from nucleiflow.pipeline.postprocess.morphometry import nuclei_table
 from nucleiflow.pipeline.outputs.qupath import export_slide
-from nucleiflow.pipeline.outputs.layout import GeoParquetWriter, slide_paths, write_json_atomic
+from nucleiflow.pipeline.outputs.atomic import write_json_atomic
+from nucleiflow.pipeline.outputs.geoparquet import GeoParquetWriter
+from nucleiflow.pipeline.outputs.layout import slide_paths
 
 
 def test_export_writes_detections_with_measurements(tmp_path):

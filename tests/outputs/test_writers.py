@@ -1,4 +1,4 @@
-"""Writers: a synthetic tiled slide through MemoryWriter, GeoParquet and OME-Zarr, read back."""
+"""Mergers: a synthetic tiled slide through MemoryMerger and SlideOutputs (GeoParquet + OME-Zarr), read back."""
 from __future__ import annotations
 
 import json
@@ -17,6 +17,8 @@ from nucleiflow.pipeline.outputs import layout as W
 from nucleiflow.pipeline.outputs.geoparquet import GeoParquetWriter, hilbert_index, spatial_key
 from nucleiflow.pipeline.outputs.omezarr import OmeZarrWriter, downsample, mean2
 from nucleiflow.pipeline.tiles.plan import Box, plan_tiles
+from nucleiflow.pipeline.tiles.stitch import MemoryMerger
+from nucleiflow.pipeline.outputs.atomic import write_json_atomic
 
 MPP0, MPP, TILE = 0.25, 0.5, 32
 ID0 = 1000  # nucleus_id = label + ID0, so table and raster ids differ from the labels
@@ -38,8 +40,8 @@ def slide():
     return lab, prob, plan
 
 
-def run_slide(writer, lab, prob, plan, meta=None):
-    """Tile -> own -> table -> write, as the flow does; ids are global (label + ID0)."""
+def run_slide(merger, lab, prob, plan, meta=None):
+    """Tile -> own -> table -> merger, as the stitcher does; ids are global (label + ID0)."""
     lut = np.arange(lab.max() + 1, dtype=np.int32) + ID0
     lut[0] = 0
     for t in plan:
@@ -50,8 +52,11 @@ def run_slide(writer, lab, prob, plan, meta=None):
         ids = {int(k): int(lut[k]) for k in kept}
         table = P.nuclei_table(labels, p, mpp0=MPP0, scale=plan.scale, offset=(x0, y0), ids=ids, keep=kept)
         core = np.s_[t.core.y0 : t.core.y1, t.core.x0 : t.core.x1]
-        writer.write_tile(t.core, lut[lab[core]], p[core[0].start - y0 : core[0].stop - y0, core[1].start - x0 : core[1].stop - x0], table)
-    return writer.close(meta or {"model": "test-model"})
+        prob_core = p[core[0].start - y0 : core[0].stop - y0, core[1].start - x0 : core[1].stop - x0]
+        merger.write_labels(t.core, lut[lab[core]])
+        merger.write_prob(t.core, np.clip(np.rint(prob_core * 255), 0, 255).astype(np.uint8))
+        merger.write_table(table)
+    return merger.close(meta or {"model": "test-model"})
 
 
 def expected_ids(lab):
@@ -65,9 +70,9 @@ def raster_at_centroids(labels, table, scale):
     return np.asarray(labels[cy, cx]) if isinstance(labels, np.ndarray) else labels.vindex[cy, cx]
 
 
-def test_memory_writer_roundtrip(slide):
+def test_memory_merger_roundtrip(slide):
     lab, prob, plan = slide
-    w = W.MemoryWriter((plan.height, plan.width))
+    w = MemoryMerger(plan.height, plan.width)
     table = run_slide(w, lab, prob, plan)
     assert w.closed and w.meta == {"model": "test-model"}
     assert sorted(table["nucleus_id"]) == sorted(expected_ids(lab))  # each nucleus once
@@ -77,11 +82,11 @@ def test_memory_writer_roundtrip(slide):
     assert shapely.is_valid(table["geometry"].to_numpy()).all()
 
 
-def test_memory_writer_rejects_duplicate_ids():
-    w = W.MemoryWriter((4, 4))
+def test_memory_merger_rejects_duplicate_ids():
+    w = MemoryMerger(4, 4)
     t = P.nuclei_table(np.pad(np.ones((2, 2), np.int32), 1), mpp0=1.0)
-    w.write_tile(Box(0, 0, 4, 4), None, None, t)
-    w.write_tile(Box(0, 0, 4, 4), None, None, t)
+    w.write_table(t)
+    w.write_table(t)
     with pytest.raises(ValueError, match="unique"):
         w.close()
 
@@ -89,7 +94,7 @@ def test_memory_writer_rejects_duplicate_ids():
 def write_batch(out, slide, slides=("s1", "s2"), row_group_rows=7):
     lab, prob, plan = slide
     for sid in slides:
-        writers = W.open_slide_writers(
+        writers = W.SlideOutputs(
             out, sid, shape=(plan.height, plan.width), mpp=plan.mpp, scale=plan.scale, chunk=TILE,
             metadata={"model": "test-model", "model_hash": "abc", "config_hash": "def"},
             tissue=np.ones((10, 13), bool), tissue_mpp=4.0, row_group_rows=row_group_rows,
@@ -229,20 +234,23 @@ def test_downsample_reads_at_most_four_chunks():
 
 def test_abort_leaves_no_file(tmp_path, slide):
     lab, prob, plan = slide
-    writers = W.open_slide_writers(tmp_path, "s1", shape=(plan.height, plan.width), mpp=MPP, scale=plan.scale, chunk=TILE)
+    writers = W.SlideOutputs(tmp_path, "s1", shape=(plan.height, plan.width), mpp=MPP, scale=plan.scale, chunk=TILE)
     t = plan.tiles[0]
     table = P.nuclei_table(lab[: TILE, : TILE], mpp0=MPP0, scale=plan.scale)
-    writers.write_tile(t.core, lab[: TILE, : TILE], prob[: TILE, : TILE], table)
+    writers.write_labels(t.core, lab[: TILE, : TILE])
+    writers.write_prob(t.core, prob[: TILE, : TILE])
+    writers.write_table(table)
     writers.abort()
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []  # no final file, no temp file
 
 
 def test_a_failing_writer_aborts_the_others(tmp_path, slide):
     lab, prob, plan = slide
-    writers = W.open_slide_writers(tmp_path, "s1", shape=(plan.height, plan.width), mpp=MPP, scale=plan.scale, chunk=TILE)
+    writers = W.SlideOutputs(tmp_path, "s1", shape=(plan.height, plan.width), mpp=MPP, scale=plan.scale, chunk=TILE)
     table = P.nuclei_table(lab[:TILE, :TILE], mpp0=MPP0, scale=plan.scale)
-    with pytest.raises(ValueError, match="chunk-aligned"):  # the table is taken, the raster is not
-        writers.write_tile(Box(8, 0, 8 + TILE, TILE), lab[:TILE, :TILE], prob[:TILE, :TILE], table)
+    writers.write_table(table)  # the table is taken, the raster is not
+    with pytest.raises(ValueError, match="chunk-aligned"):
+        writers.write_labels(Box(8, 0, 8 + TILE, TILE), lab[:TILE, :TILE])
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
 
 
@@ -258,7 +266,7 @@ def test_failed_close_aborts_and_keeps_no_final_file(tmp_path):
 
 
 def test_empty_slide_writes_empty_readable_outputs(tmp_path):
-    writers = W.open_slide_writers(tmp_path, "empty", shape=(40, 50), mpp=MPP, scale=2.0, chunk=TILE)
+    writers = W.SlideOutputs(tmp_path, "empty", shape=(40, 50), mpp=MPP, scale=2.0, chunk=TILE)
     writers.close({"status": "no tissue"})
     gdf = gpd.read_parquet(W.slide_paths(tmp_path, "empty")["parquet"])
     assert len(gdf) == 0 and list(gdf.columns[:3]) == ["nucleus_id", "geometry", "centroid_x"]
@@ -282,10 +290,10 @@ def test_hilbert_index_visits_adjacent_cells():
 
 
 def test_write_json_atomic(tmp_path):
-    p = W.write_json_atomic(tmp_path / "s1" / "run.json", {"status": "done", "n": np.int64(3), "mpp": np.float32(0.5)})
+    p = write_json_atomic(tmp_path / "s1" / "run.json", {"status": "done", "n": np.int64(3), "mpp": np.float32(0.5)})
     assert json.loads(p.read_text()) == {"status": "done", "n": 3, "mpp": 0.5}
     with pytest.raises(TypeError):
-        W.write_json_atomic(p, {"bad": object()})
+        write_json_atomic(p, {"bad": object()})
     assert json.loads(p.read_text())["status"] == "done"  # the old file survives a failed write
     assert [q.name for q in p.parent.iterdir()] == ["run.json"]
 

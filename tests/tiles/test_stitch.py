@@ -20,7 +20,7 @@ from PIL import Image
 
 from nucleiflow.pipeline.infer.stream import Predictor, stream_tiles
 from nucleiflow.pipeline.slide.reader import ArraySlide
-from nucleiflow.pipeline.tiles.stitch import LabelStitcher, MemoryChunks
+from nucleiflow.pipeline.tiles.stitch import LabelStitcher, MemoryMerger
 from nucleiflow.pipeline.tiles.plan import Box, TilePlan, plan_tiles
 from nucleiflow.pipeline.tiles.ownership import own_tile
 
@@ -42,7 +42,7 @@ def predictor(**post) -> Predictor:
 
 def stitch(reader, plan, pred, **kw):
     """Run the real stream + stitcher into memory; returns (store, tile results)."""
-    store = MemoryChunks(plan.height, plan.width)
+    store = MemoryMerger(plan.height, plan.width)
     stitcher = LabelStitcher(plan, store)
     results = []
     for tn in stream_tiles(reader, plan, pred, pred.card["postprocess"], batch_size=3, **kw):
@@ -147,8 +147,8 @@ def assert_same_instances(a: np.ndarray, b: np.ndarray) -> None:
     assert len(np.unique(pairs[1])) == pairs.shape[1], "an id of the second maps to several of the first"
 
 
-class CountingChunks(MemoryChunks):
-    """MemoryChunks that records which cells were read back (read-modify-write of spills)."""
+class CountingChunks(MemoryMerger):
+    """MemoryMerger that records which cells were read back (read-modify-write of spills)."""
 
     def __init__(self, plan: TilePlan) -> None:
         super().__init__(plan.height, plan.width)
@@ -234,7 +234,7 @@ def test_spills_reach_every_cell_the_window_covers():
     # Spill boxes are cell & window (model px); the window is [5, 45) x [-15, 25).
     assert got == {(0, 0): Box(5, 0, 10, 10), (0, 1): Box(10, 0, 20, 10), (0, 3): Box(30, 0, 40, 10),
                    (0, 4): Box(40, 0, 45, 10)}
-    store = MemoryChunks(plan.height, plan.width)
+    store = MemoryMerger(plan.height, plan.width)
     stitcher = LabelStitcher(plan, store)
     for t in plan:
         if t.index == tile.index:
@@ -254,7 +254,7 @@ def test_spills_of_a_small_core_reach_past_its_read_box():
     nucleus = np.zeros((10, 30), np.int32)
     nucleus[0:10, 0:3] = 1
     nucleus[0, 3:11] = 1  # centroid x = (30 * 1.5 + 8 * 7) / 38 = 2.66 < 3: owned by cell 0
-    store = MemoryChunks(plan.height, plan.width)
+    store = MemoryMerger(plan.height, plan.width)
     stitcher = LabelStitcher(plan, store)
     for tile, win in windows(nucleus, plan):
         tn = own_tile(tile, win, (win > 0).astype(np.float32), plan)
@@ -270,7 +270,7 @@ def test_two_inline_streams_in_one_process_stay_apart():
     imgs = [rng.integers(0, 256, (150, 170, 3), dtype=np.uint8), rng.integers(0, 256, (90, 210, 3), dtype=np.uint8)]
     plans = [plan_tiles(170, 150, MPP, MPP, tile_size=64, halo=8), plan_tiles(210, 90, MPP, MPP, tile_size=48, halo=5)]
     pred = predictor(prob_threshold=2.0)
-    stores = [MemoryChunks(p.height, p.width) for p in plans]
+    stores = [MemoryMerger(p.height, p.width) for p in plans]
     stitchers = [LabelStitcher(p, s) for p, s in zip(plans, stores)]
     streams = [iter(stream_tiles(ArraySlide(im, MPP), p, pred, pred.card["postprocess"], batch_size=1,
                                  readers=0, workers=0)) for im, p in zip(imgs, plans)]
@@ -304,7 +304,7 @@ def test_nuclei_end_at_the_slide_edge_in_table_and_raster():
     inside[disk((30, 95), 10, shape=inside.shape)] = 1
     assert tn.table["area_px"][0] == inside.sum()
     assert shapely.bounds(tn.table["geometry"][0])[2] <= 100
-    store = MemoryChunks(plan.height, plan.width)
+    store = MemoryMerger(plan.height, plan.width)
     stitcher = LabelStitcher(plan, store)
     for t in plan:
         stitcher.add(tn if t.index == tile.index else
