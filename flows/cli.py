@@ -179,6 +179,9 @@ def segment(
     dask_address: Optional[str] = typer.Option(
         None, "--dask-address", help="Run the slides on this Dask scheduler (e.g. tcp://10.0.0.5:8786)."
     ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace results of another slide (or a changed scan) under the same id."
+    ),
 ) -> None:
     """Segment slides into OME-Zarr masks and GeoParquet nuclei; one Prefect flow run.
 
@@ -203,6 +206,7 @@ def segment(
     report = run_batch(
         slides=slides, out=str(out), model=model, device=device, mpp=mpp, tile_size=tile_size, halo=halo,
         batch_size=batch_size, readers=readers, workers=workers, dask_address=dask_address,
+        overwrite=overwrite,
     )
     typer.echo("")
     for line in format_report(report):

@@ -206,6 +206,7 @@ def segment_slides(
     readers: int = 1,
     workers: int = 1,
     dask_address: str | None = None,
+    overwrite: bool = False,
 ) -> dict | State:
     """Segment a batch of slides (paths, globs, folders or a CSV manifest) into ``out``.
 
@@ -218,7 +219,7 @@ def segment_slides(
     check_model(model)
     kw = {k: v for k, v in {"tile_size": tile_size, "halo": halo}.items() if v is not None}
     cfg = SegmentConfig(model=model, device=device, mpp=None, batch_size=batch_size, readers=readers,
-                        workers=workers, **kw)
+                        workers=workers, overwrite=overwrite, **kw)
     jobs = expand_slides(slides, mpp=mpp)
     check_output(out)
     where = f" on Dask at {dask_address}" if dask_address else ""

@@ -30,8 +30,9 @@ class SegmentConfig(BaseModel):
     readers: int = Field(1, ge=0, le=32, description="Reader processes; 0 reads in the main process.")
     workers: int = Field(1, ge=0, le=64, description="Post-processing processes; 0 = in-process.")
     tissue_mpp: float = Field(TISSUE_MPP, gt=0)
+    overwrite: bool = Field(False, description="Replace another slide's results under the same id.")
 
-    def key(self, exclude: tuple[str, ...] = ("device", "batch_size", "readers", "workers")) -> str:
+    def key(self, exclude: tuple[str, ...] = ("device", "batch_size", "readers", "workers", "overwrite")) -> str:
         """Hash of the fields that change results (not the ones that only change speed)."""
         data = self.model_dump(exclude=set(exclude))
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
