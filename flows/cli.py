@@ -71,6 +71,9 @@ def inspect(
         fail(f"{slide}: {e}")
     facts = info.to_dict()
     facts.update(tissue_fraction=round(tissue.fraction, 4), tile_count=len(plan))
+    if tissue.warning:
+        facts["warning"] = tissue.warning
+        typer.echo(f"nucleiflow: warning: {slide}: {tissue.warning}", err=True)
     if as_json:
         typer.echo(json.dumps(facts))
         return
@@ -199,7 +202,7 @@ def segment(
     except (KeyError, FileNotFoundError) as e:
         fail(str(e).strip("'\""))
     try:
-        expand_slides(slides, mpp=mpp)  # fail fast on an empty glob or a bad manifest
+        expand_slides(slides, mpp=mpp)  # fail fast on an empty glob, a bad manifest, bad ids, --mpp 50
         check_output(out)
     except (ValueError, OSError) as e:
         fail(str(e))

@@ -8,6 +8,8 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
+from nucleiflow.pipeline.slide.reader import SlideError, check_mpp
+
 SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm"}
 
 
@@ -82,6 +84,11 @@ def read_manifest(path: Path) -> list[SlideJob]:
             raise ValueError(f"{path}:{i}: mpp {mpp_text!r} is not a number") from None
         if mpp is not None and not mpp > 0:
             raise ValueError(f"{path}:{i}: mpp must be positive, got {mpp_text}")
+        if mpp is not None:
+            try:
+                check_mpp(mpp, f"{path}:{i}")
+            except SlideError as e:
+                raise ValueError(str(e)) from None
         jobs.append(SlideJob(str(p), r.get("slide_id") or slide_id_for(p), mpp))
     return jobs
 
@@ -95,6 +102,11 @@ def expand_slides(items: list[str] | str, mpp: float | None = None) -> list[Slid
     """
     if isinstance(items, str):
         items = [items]
+    if mpp is not None:
+        try:
+            check_mpp(mpp, "--mpp")
+        except SlideError as e:
+            raise ValueError(str(e)) from None
     jobs: list[SlideJob] = []
     for item in items:
         p = Path(item)

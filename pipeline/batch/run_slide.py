@@ -211,6 +211,7 @@ def _segment_claimed(job: SlideJob, out: Path, cfg: SegmentConfig, predictor: Pr
             "model": cfg.model, "config": cfg.model_dump(), "model_mpp": plan.mpp,
             "slide": info.to_dict(), "tissue_fraction": tissue.fraction, "tissue_mm2": tissue_mm2,
             "tiles": stats.tiles, "nuclei": stats.nuclei, "halo_edge_nuclei": stats.halo_edge_nuclei,
+            **({"reason": f"warning: {tissue.warning}"} if tissue.warning else {}),  # shown in the table
             "zarr_files": count_files(paths["zarr"]),  # lets a later skip notice a lost chunk
             "timings_s": {**timings, **{f"tiles_{k}": v for k, v in stats.timer.seconds.items()},
                           "total": time.perf_counter() - t0},

@@ -88,3 +88,10 @@ def test_damaged_outputs_of_a_done_slide_are_redone(two_slides, model, tmp_path,
     assert again["status"] == "done" and "damaged" in again["reason"], again
     assert pq.read_table(paths["parquet"]).num_rows == first["nuclei"]
     assert run(a, tmp_path, model)["status"] == "skipped"
+
+
+def test_a_greyscale_slide_is_done_with_a_warning(shared_data, model, tmp_path):
+    rgb = np.array(Image.open(min((shared_data / "monuseg" / "images").glob("*.png"))).convert("RGB"))
+    grey = np.repeat(rgb[:384, :384].mean(-1, keepdims=True), 3, -1).astype(np.uint8)
+    rec = run(write_tiff(tmp_path / "grey.tif", grey, mpp=0.25), tmp_path / "out", model)
+    assert rec["status"] == "done" and "greyscale" in rec["reason"], rec
