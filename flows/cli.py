@@ -117,12 +117,14 @@ def evaluate(
 ) -> None:
     """Per-image and mean Dice, IoU, AJI, PQ, DQ, SQ, F1 through the slide segmentation path."""
     from nucleiflow.models.checkpoint import load_checkpoint
+    from nucleiflow.pipeline.infer.model_check import check_model
     from nucleiflow.pipeline.train.evaluation import METRICS, evaluate as run_evaluate
     from nucleiflow.pipeline.infer.stream import Predictor
 
     try:
+        check_model(model)
         net, card = load_checkpoint(model)
-    except (KeyError, FileNotFoundError) as e:
+    except (KeyError, FileNotFoundError, ValueError) as e:
         fail(str(e).strip("'\""))
     if not (data / "splits.csv").is_file():
         fail(f"{data}: no splits.csv; expected images/, labels/ and splits.csv with an mpp column")
@@ -133,7 +135,7 @@ def evaluate(
         typer.echo(f"{'image':<28} " + " ".join(f"{k:>6}" for k in METRICS))
     try:
         res = run_evaluate(predictor, data, split=split, tile_size=tile_size, halo=halo, progress=progress)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     res["model"] = model
     if as_json:
@@ -198,8 +200,8 @@ def segment(
     from nucleiflow.pipeline.batch.manifest import expand_slides
 
     try:
-        check_model(model)
-    except (KeyError, FileNotFoundError) as e:
+        check_model(model)  # loads and validates it fully, before Prefect starts
+    except (KeyError, FileNotFoundError, ValueError) as e:
         fail(str(e).strip("'\""))
     try:
         expand_slides(slides, mpp=mpp)  # fail fast on an empty glob, a bad manifest, bad ids, --mpp 50

@@ -35,11 +35,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.states import Completed, Failed, State
 
-from nucleiflow.models.checkpoint import CARD, WEIGHTS, load_checkpoint, model_hash, resolve
+from nucleiflow.models.checkpoint import load_checkpoint, model_hash, resolve
 from nucleiflow.pipeline.config import SegmentConfig
 from nucleiflow.pipeline.infer.stream import Predictor
 from nucleiflow.pipeline.batch.manifest import SlideJob, expand_slides
 from nucleiflow.pipeline.batch.run_slide import segment_slide
+from nucleiflow.pipeline.infer.model_check import BadCheckpoint, check_model  # noqa: F401 - CLI and flow API
 from nucleiflow.pipeline.slide.reader import SlideError
 from nucleiflow.pipeline.batch.report import write_summary
 from nucleiflow.pipeline.outputs.atomic import write_json_atomic
@@ -56,14 +57,6 @@ class OutputNotWritable(OSError):
 def _predictor(model: str, device: str) -> tuple[Predictor, str]:
     net, card = load_checkpoint(model)
     return Predictor(net, card, device=device), model_hash(resolve(model))
-
-
-def check_model(model: str) -> None:
-    """Fail fast, before any slide, when the model cannot be found (KeyError / FileNotFoundError)."""
-    folder = resolve(model)
-    missing = [n for n in (CARD, WEIGHTS) if not (folder / n).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{folder} is not a checkpoint: missing {', '.join(missing)}")
 
 
 def check_output(out: str | os.PathLike) -> Path:
