@@ -216,6 +216,8 @@ def segment(
     typer.echo("")
     for line in format_report(report):
         typer.echo(line)
+    if report.get("report_error"):  # the slides' outputs stand; the record of the batch does not
+        fail(report["report_error"], code=3)
     raise typer.Exit(1 if report["failed"] else 0)
 
 

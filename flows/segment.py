@@ -182,7 +182,7 @@ def format_report(report: dict) -> list[str]:
         tissue = "-" if r.get("tissue_mm2") is None else f"{r['tissue_mm2']:.2f}"
         secs = "-" if r.get("seconds") is None else f"{r['seconds']:.1f}"
         lines.append(f"{r['slide_id']:<32} {r['status']:<8} {nuclei:>8} {tissue:>10} {secs:>8}  {r.get('reason') or ''}")
-    lines.append(", ".join(f"{report[s]} {s}" for s in STATUSES) + f"; report: {report.get('report', '-')}")
+    lines.append(", ".join(f"{report[s]} {s}" for s in STATUSES) + f"; report: {report.get('report') or 'NOT WRITTEN'}")
     return lines
 
 
@@ -233,9 +233,15 @@ def segment_slides(
               "model": model, "config": cfg.model_dump(), "dask_address": dask_address, "slides": rows,
               "seconds": round((dt.datetime.now().astimezone() - started).total_seconds(), 1),
               "summary": summary, **counts}
-    report["report"] = str(write_json_atomic(Path(out) / name, report))
+    try:
+        report["report"] = str(write_json_atomic(Path(out) / name, report))
+    except OSError as e:  # e.g. the disk filled up with the last slide: still print the table
+        report.update(report=None, report_error=f"batch report {Path(out) / name} not written: {failure_reason(e)}")
+        logger.error(report["report_error"])
     for line in format_report(report):
         logger.info(line)
+    if report["report"] is None:
+        return Failed(name="ReportNotWritten", data=report, message=report["report_error"])
     if counts["failed"]:
         bad = [f"{r['slide_id']}: {r['reason']}" for r in rows if r["status"] == "failed"]
         more = f"; and {len(bad) - MESSAGE_SLIDES} more" if len(bad) > MESSAGE_SLIDES else ""
