@@ -17,6 +17,10 @@ from nucleiflow.pipeline.config import DEFAULT_HALO, DEFAULT_MPP, DEFAULT_TILE, 
 # Offline machines: no telemetry (its background writes also contend for Prefect's SQLite).
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# Prefect waits 20 s for its temporary API server; on a loaded box (2 cores, training next
+# door) it once took longer and the batch died before any slide. Users may still set it.
+STARTUP_TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+os.environ.setdefault(STARTUP_TIMEOUT_ENV, "180")
 
 app = typer.Typer(
     help="Whole-slide H&E nuclei segmentation: inspect, segment, train, evaluate.",
@@ -208,11 +212,18 @@ def segment(
         check_output(out)
     except (ValueError, OSError) as e:
         fail(str(e))
-    report = run_batch(
-        slides=slides, out=str(out), model=model, device=device, mpp=mpp, tile_size=tile_size, halo=halo,
-        batch_size=batch_size, readers=readers, workers=workers, dask_address=dask_address,
-        overwrite=overwrite,
-    )
+    try:
+        report = run_batch(
+            slides=slides, out=str(out), model=model, device=device, mpp=mpp, tile_size=tile_size, halo=halo,
+            batch_size=batch_size, readers=readers, workers=workers, dask_address=dask_address,
+            overwrite=overwrite,
+        )
+    except RuntimeError as e:
+        if "ephemeral Prefect API server" not in str(e):
+            raise
+        fail(f"Prefect's temporary API server did not start within {os.environ.get(STARTUP_TIMEOUT_ENV)} s "
+             f"(a busy machine?); no slide was started. Re-run, raise {STARTUP_TIMEOUT_ENV}, or start "
+             "`prefect server start` and set PREFECT_API_URL")
     typer.echo("")
     for line in format_report(report):
         typer.echo(line)
