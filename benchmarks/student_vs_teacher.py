@@ -19,7 +19,8 @@ import torch
 
 from nucleiflow.models.checkpoint import load_checkpoint
 from nucleiflow.pipeline.train.evaluation import evaluate
-from nucleiflow.pipeline.infer.stream import Predictor, pick_device
+from nucleiflow.pipeline.infer.device import pick_device
+from nucleiflow.pipeline.infer.predictor import Predictor
 
 
 def forward_seconds(model: torch.nn.Module, device: torch.device, batch: int, patch: int, repeats: int) -> float:

@@ -200,7 +200,7 @@ def child(spec: dict) -> dict:
 
     from nucleiflow.models.checkpoint import load_checkpoint, model_hash, resolve
     from nucleiflow.pipeline.config import SegmentConfig
-    from nucleiflow.pipeline.infer.stream import Predictor
+    from nucleiflow.pipeline.infer.predictor import Predictor
     from nucleiflow.pipeline.batch.manifest import SlideJob
     from nucleiflow.pipeline.batch.run_slide import segment_slide
 

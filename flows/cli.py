@@ -12,7 +12,7 @@ from typing import NoReturn, Optional
 
 import typer
 
-from nucleiflow.pipeline.config import DEFAULT_HALO, DEFAULT_MPP, DEFAULT_TILE, TISSUE_MPP
+from nucleiflow.pipeline.config import DEFAULT_HALO, DEFAULT_MODEL, DEFAULT_TILE, TISSUE_MPP
 
 # Offline machines: no telemetry (its background writes also contend for Prefect's SQLite).
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -46,7 +46,8 @@ def inspect(
     overlay: Optional[Path] = typer.Option(
         None, "--overlay", help="Write a PNG thumbnail with the tissue mask and tile cores."
     ),
-    model_mpp: float = typer.Option(DEFAULT_MPP, help="um/px the tiles are planned at."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", help="Checkpoint whose mpp the tiles are planned at (as segment)."),
+    model_mpp: Optional[float] = typer.Option(None, help="um/px the tiles are planned at (default: the model card's)."),
     tile_size: int = typer.Option(DEFAULT_TILE, help="Tile core edge in model pixels."),
     halo: int = typer.Option(DEFAULT_HALO, help="Context pixels around each core."),
 ) -> None:
@@ -55,18 +56,21 @@ def inspect(
     Keys: width, height, level_count, mpp_x, mpp_y, vendor, objective_power, fingerprint,
     tissue_fraction, tile_count (plus level_dimensions, level_downsamples, mpp_source, path).
     """
+    from nucleiflow.pipeline.infer.predictor import load_card
     from nucleiflow.pipeline.slide.reader import SlideError, open_slide
-    from nucleiflow.pipeline.tiles.plan import plan_tiles
     from nucleiflow.pipeline.slide.tissue import detect_tissue, overlay_png
+    from nucleiflow.pipeline.tiles.plan import plan_slide
 
+    if model_mpp is None:
+        try:
+            model_mpp = load_card(model).mpp
+        except (KeyError, FileNotFoundError, ValueError) as e:
+            fail(str(e).strip("'\""))
     try:
         with open_slide(slide, mpp=mpp) as reader:
             info = reader.info
             tissue = detect_tissue(reader, mpp=TISSUE_MPP)
-            plan = plan_tiles(
-                info.width, info.height, info.mpp_x, model_mpp, tile_size=tile_size, halo=halo,
-                tissue=tissue.mask, tissue_mpp=tissue.mpp,
-            )
+            plan = plan_slide(info, tissue, model_mpp, tile_size=tile_size, halo=halo)
             if overlay is not None:
                 overlay_png(reader, tissue, plan, overlay)
     except SlideError as e:
@@ -111,7 +115,7 @@ def train(
 
 @app.command()
 def evaluate(
-    model: str = typer.Option("student", "--model", help="Registered checkpoint name or a checkpoint folder."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", help="Registered checkpoint name or a checkpoint folder."),
     data: Path = typer.Option(..., "--data", help="Data set folder: images/, labels/, splits.csv (with mpp)."),
     split: str = typer.Option("test", "--split", help="Which split of splits.csv to score."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: per_image and mean."),
@@ -120,19 +124,15 @@ def evaluate(
     halo: int = typer.Option(DEFAULT_HALO, help="Context pixels around each core."),
 ) -> None:
     """Per-image and mean Dice, IoU, AJI, PQ, DQ, SQ, F1 through the slide segmentation path."""
-    from nucleiflow.models.checkpoint import load_checkpoint
-    from nucleiflow.pipeline.infer.model_check import check_model
+    from nucleiflow.pipeline.infer.predictor import load_predictor
     from nucleiflow.pipeline.train.evaluation import METRICS, evaluate as run_evaluate
-    from nucleiflow.pipeline.infer.stream import Predictor
 
     try:
-        check_model(model)
-        net, card = load_checkpoint(model)
-    except (KeyError, FileNotFoundError, ValueError) as e:
+        predictor = load_predictor(model, device=device)
+    except (KeyError, FileNotFoundError, ValueError) as e:  # ValueError: a card that does not validate
         fail(str(e).strip("'\""))
     if not (data / "splits.csv").is_file():
         fail(f"{data}: no splits.csv; expected images/, labels/ and splits.csv with an mpp column")
-    predictor = Predictor(net, card, device=device)
     progress = None if as_json else (lambda name, row: typer.echo(
         f"{name:<28} " + " ".join(f"{row[k]:.4f}" for k in METRICS), err=False))
     if not as_json:
@@ -177,7 +177,7 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print the cards' 
 def segment(
     slides: list[str] = typer.Argument(..., help="Slide paths, globs, folders or CSV manifests (path[,mpp][,slide_id])."),
     out: Path = typer.Option(..., "--out", help="Output folder: <out>/<slide_id>/, <out>/nuclei/, batch reports."),
-    model: str = typer.Option("student", "--model", help="Registered checkpoint name or a checkpoint folder."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", help="Registered checkpoint name or a checkpoint folder."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA if present), cpu or cuda."),
     mpp: Optional[float] = typer.Option(None, "--mpp", help="Level-0 um/px for slides whose metadata lacks it."),
     tile_size: int = typer.Option(DEFAULT_TILE, "--tile-size", help="Tile core edge in model px (= Zarr chunk)."),
@@ -204,8 +204,8 @@ def segment(
     from nucleiflow.pipeline.batch.manifest import expand_slides
 
     try:
-        check_model(model)  # loads and validates it fully, before Prefect starts
-    except (KeyError, FileNotFoundError, ValueError) as e:
+        check_model(model)  # card and weights, before Prefect starts
+    except (KeyError, FileNotFoundError, ValueError) as e:  # ValueError: a card that does not validate
         fail(str(e).strip("'\""))
     try:
         expand_slides(slides, mpp=mpp)  # fail fast on an empty glob, a bad manifest, bad ids, --mpp 50

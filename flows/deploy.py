@@ -17,6 +17,8 @@ from typing import Optional
 
 import typer
 
+from nucleiflow.pipeline.config import DEFAULT_MODEL
+
 FLOW_NAME = "segment-slides"
 ENTRYPOINT = "nucleiflow.flows.segment.segment_slides"
 
@@ -25,7 +27,7 @@ def deploy(
     pool: str = "nucleiflow",
     name: str = "nightly",
     *,
-    model: str = "student",
+    model: str = DEFAULT_MODEL,
     device: str = "auto",
     slides: list[str] | str | None = None,
     out: str | Path | None = None,
@@ -85,7 +87,7 @@ def deploy(
 def deploy_command(
     pool: str = typer.Option("nucleiflow", "--pool", help="Process work pool (prefect work-pool create POOL --type process)."),
     name: str = typer.Option("nightly", "--name", help="Deployment name: runs are 'segment-slides/NAME'."),
-    model: str = typer.Option("student", "--model", help="Default model: a registered checkpoint name or folder."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", help="Default model: a registered checkpoint name or folder."),
     device: str = typer.Option("auto", "--device", help="Default device: auto, cpu or cuda."),
     slides: Optional[list[str]] = typer.Option(
         None, "--slides", help="Default slides (paths, globs, folders, CSV manifests); repeatable."),

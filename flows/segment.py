@@ -35,12 +35,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.states import Completed, Failed, State
 
-from nucleiflow.models.checkpoint import load_checkpoint, model_hash, resolve
-from nucleiflow.pipeline.config import SegmentConfig
-from nucleiflow.pipeline.infer.stream import Predictor
+from nucleiflow.models.checkpoint import CARD, WEIGHTS, model_hash, resolve
+from nucleiflow.pipeline.config import DEFAULT_MODEL, SegmentConfig
+from nucleiflow.pipeline.infer.predictor import Predictor, check_weights, load_card, load_predictor
 from nucleiflow.pipeline.batch.manifest import SlideJob, expand_slides
 from nucleiflow.pipeline.batch.run_slide import segment_slide
-from nucleiflow.pipeline.infer.model_check import BadCheckpoint, check_model  # noqa: F401 - CLI and flow API
 from nucleiflow.pipeline.slide.reader import SlideError
 from nucleiflow.pipeline.batch.report import write_summary
 from nucleiflow.pipeline.outputs.atomic import write_json_atomic
@@ -55,8 +54,19 @@ class OutputNotWritable(OSError):
 
 @lru_cache(maxsize=2)
 def _predictor(model: str, device: str) -> tuple[Predictor, str]:
-    net, card = load_checkpoint(model)
-    return Predictor(net, card, device=device), model_hash(resolve(model))
+    return load_predictor(model, device=device), model_hash(resolve(model))
+
+
+def check_model(model: str) -> None:
+    """Fail fast, before any slide, when the model cannot be found (KeyError /
+    FileNotFoundError), its card does not validate (CardError, a ValueError) or its weights
+    do not load (CardError: a truncated file was every slide's traceback)."""
+    folder = resolve(model)
+    missing = [n for n in (CARD, WEIGHTS) if not (folder / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder} is not a checkpoint: missing {', '.join(missing)}")
+    load_card(folder)
+    check_weights(folder)
 
 
 def check_output(out: str | os.PathLike) -> Path:
@@ -190,7 +200,7 @@ def format_report(report: dict) -> list[str]:
 def segment_slides(
     slides: list[str] | str,
     out: str,
-    model: str = "student",
+    model: str = DEFAULT_MODEL,
     device: str = "auto",
     mpp: float | None = None,
     tile_size: int | None = None,

@@ -12,7 +12,7 @@ from nucleiflow.models.checkpoint import load_checkpoint, resolve, save_checkpoi
 from nucleiflow.pipeline.config import load_yaml
 from nucleiflow.pipeline.train.datasets import read_splits
 from nucleiflow.pipeline.train.evaluation import evaluate
-from nucleiflow.pipeline.infer.stream import Predictor
+from nucleiflow.pipeline.infer.predictor import Predictor
 from nucleiflow.pipeline.train.card import build_card, compare_rows, render_markdown
 from nucleiflow.pipeline.train.tuning import tune_postprocess
 from nucleiflow.pipeline.train.loop import TrainConfig, split_records, train

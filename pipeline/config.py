@@ -1,13 +1,19 @@
-"""Typed run configuration shared by the CLI, the flows and the YAML files in configs/."""
+"""Typed configuration: how a slide is segmented (`SegmentConfig`), what a checkpoint is
+(`ModelCard`, with its `PostprocessConfig`), shared by the CLI, the flows and configs/.
+
+The training run's own schema (`TrainConfig` and its parts) lives beside the loop in
+`train.loop`; both hash themselves with `config_hash`.
+"""
 from __future__ import annotations
 
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 DEFAULT_MODEL = "student"
 DEFAULT_MPP = 0.5  # um/px the bundled models were trained at; a model card overrides it
@@ -34,8 +40,12 @@ class SegmentConfig(BaseModel):
 
     def key(self, exclude: tuple[str, ...] = ("device", "batch_size", "readers", "workers", "overwrite")) -> str:
         """Hash of the fields that change results (not the ones that only change speed)."""
-        data = self.model_dump(exclude=set(exclude))
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+        return config_hash(self.model_dump(exclude=set(exclude)))
+
+
+def config_hash(data: Mapping[str, Any]) -> str:
+    """16 hex digits of sha256 over the sorted-key JSON of ``data``: the config keys."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -50,3 +60,137 @@ def load_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{p}: expected a YAML mapping at the top level")
     return data
+
+
+class _Params(BaseModel):
+    """Post-processing parameters of one method (thresholds above 1 are allowed: "nothing").
+    Unset (None) = the method's own default
+    (`postprocess.watershed`), so the card and the function never disagree on defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def params(self) -> dict[str, Any]:
+        """Keyword arguments for the method's function (everything set, except ``method``)."""
+        return self.model_dump(exclude={"method"}, exclude_none=True)
+
+
+class HvPostprocess(_Params):
+    """`hv_watershed`: probability + horizontal/vertical distance maps (HoVer-Net)."""
+
+    method: Literal["hv"] = "hv"
+    prob_threshold: float | None = Field(None, ge=0)
+    marker_threshold: float | None = Field(None, ge=0)
+    min_size: int | None = Field(None, ge=0)
+    ksize: int | None = Field(None, ge=1)
+    opening_radius: int | None = Field(None, ge=0)
+    normalise: Literal["fixed", "tile"] | None = None
+    gradient_range: tuple[float, float] | None = None
+
+
+class MarkerPostprocess(_Params):
+    """`marker_watershed`: probability + shape-marker map (GoLo, USE-Net)."""
+
+    method: Literal["marker"]
+    prob_threshold: float | None = Field(None, ge=0)
+    marker_threshold: float | None = Field(None, ge=0)
+    min_size: int | None = Field(None, ge=0)
+
+
+class DistancePostprocess(_Params):
+    """`distance_watershed`: probability alone, split at distance-transform peaks."""
+
+    method: Literal["distance"]
+    prob_threshold: float | None = Field(None, ge=0)
+    min_distance: int | None = Field(None, ge=1)
+    min_size: int | None = Field(None, ge=0)
+    smooth_sigma: float | None = Field(None, ge=0)
+
+
+PostprocessConfig = Annotated[
+    HvPostprocess | MarkerPostprocess | DistancePostprocess, Field(discriminator="method")
+]
+
+
+class Normalisation(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    stain: dict[str, Any] | None = None  # a `StainReference.to_dict()`, or None: no normalisation
+
+
+class ModelCard(BaseModel):
+    """A checkpoint's ``model.json``, validated when the checkpoint loads.
+
+    Typed where the pipeline reads it (arch, mpp, outputs, normalisation, postprocess);
+    ``kwargs`` go to the model's constructor; ``training``, ``data`` and ``metrics`` are
+    free-form records (e.g. metrics per held-out data set) that only people read.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str | None = None
+    arch: str | None = None  # required in a model.json (`load`); None only for in-memory test models
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    outputs: dict[str, int] = Field(default_factory=dict)
+    mpp: float = Field(gt=0, description="um/px the model was trained at")
+    input: str | None = None
+    normalisation: Normalisation = Field(default_factory=Normalisation)
+    # No entry means "hv" with its defaults, as before cards carried one.
+    postprocess: PostprocessConfig = Field(default_factory=HvPostprocess)
+    parameters: int | None = Field(None, ge=0)
+    training: dict[str, Any] = Field(default_factory=dict)
+    data: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, v: str | None) -> str | None:
+        from nucleiflow.models.registry import MODELS  # lazy: worker processes stay torch-free
+
+        if v is not None and v not in MODELS:
+            raise ValueError(f"unknown arch {v!r}; known: {sorted(MODELS)}")
+        return v
+
+    @property
+    def has_classes(self) -> bool:
+        """Does the model have a type head (class columns in the nuclei table)?"""
+        return "tp" in self.outputs
+
+    @classmethod
+    def of(cls, card: ModelCard | Mapping[str, Any], source: str | Path = "model card") -> ModelCard:
+        """``card`` validated; CardError names ``source`` and the offending key in one line."""
+        if isinstance(card, ModelCard):
+            return card
+        try:
+            return cls.model_validate(dict(card))
+        except ValidationError as e:
+            raise CardError(f"{source}: {one_line(e)}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelCard:
+        """Read and validate a ``model.json``."""
+        p = Path(path)
+        try:
+            data = json.loads(p.read_text())
+        except ValueError as e:
+            raise CardError(f"{p}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise CardError(f"{p}: expected a JSON object")
+        missing = [k for k in ("arch", "kwargs", "mpp") if k not in data]
+        if missing:  # what the model is rebuilt from
+            raise CardError(f"{p}: {missing[0]}: Field required")
+        return cls.of(data, p)
+
+
+class CardError(ValueError):
+    """A model card that does not validate: the message is one line naming file and key."""
+
+
+def one_line(e: ValidationError) -> str:
+    """The first error of a pydantic ValidationError as ``key.path: message``."""
+    err = e.errors()[0]
+    # Drop the discriminator tag pydantic inserts ("postprocess.hv.min_size" -> "postprocess.min_size").
+    loc = [str(x) for x in err["loc"]]
+    if len(loc) > 1 and loc[0] == "postprocess" and loc[1] in ("hv", "marker", "distance"):
+        loc.pop(1)
+    more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+    return f"{'.'.join(loc) or '(top level)'}: {err['msg']}{more}"

@@ -58,6 +58,15 @@ def test_main_command_segments_the_real_slide(readme_run):
     assert (out / "summary.csv").exists() and (out / "CMU-1-Small-Region" / "nuclei_overlay.png").exists()
 
 
+def test_inspect_tile_count_is_what_segment_ran(readme_run, cmu_slide):
+    out, proc = readme_run
+    assert proc.returncode == 0
+    res = subprocess.run([str(CLI), "inspect", str(cmu_slide), "--json"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    run = json.loads((out / "CMU-1-Small-Region" / "run.json").read_text())
+    assert json.loads(res.stdout)["tile_count"] == run["tiles"]
+
+
 def test_opening_results_snippet_runs_on_the_output(readme_run, capsys):
     out, proc = readme_run
     assert proc.returncode == 0

@@ -3,44 +3,41 @@
 A slide is *done* iff ``<out>/<slide_id>/run.json`` exists with status "done" and the same
 key (slide fingerprint, model hash, config key). run.json is written last, atomically;
 before a slide is (re)done its old run.json goes first, so a slide never looks finished
-while it is not. Writers stream into hidden temp names and rename on close: the masks
+while it is not. Outputs stream into hidden temp names and are renamed on close: the masks
 first, then the nuclei table, then run.json, so a run killed at any moment leaves at most
 a final-named table without run.json for the few ms between the last two renames, and
-the next run removes it (`clean_partial`).
+the next run removes it (`cleanup.clean_partial`).
 
 Only the worker holding the slide's claim (`claims`) touches its outputs: two batches on
 one output folder each find the other's slide "busy" and never write the same slide.
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
-import shutil
 import socket
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage as ndi
 
-from nucleiflow.pipeline.batch.claims import Claim, ClaimLost, SlideBusy, acquire
+from nucleiflow.pipeline.batch.claims import Claim, SlideBusy, acquire
+from nucleiflow.pipeline.batch.cleanup import clean_partial, tidy_done, unpublish
 from nucleiflow.pipeline.batch.guard import check_same_slide, count_files, damage, read_record
-from nucleiflow.pipeline.config import SegmentConfig
-from nucleiflow.pipeline.infer.stream import Predictor
 from nucleiflow.pipeline.batch.manifest import SlideJob
-from nucleiflow.pipeline.infer.segment_reader import segment_reader
-from nucleiflow.pipeline.slide.reader import SlideReader, open_slide
 from nucleiflow.pipeline.batch.report import OVERLAY_NAME, nuclei_overlay
-from nucleiflow.pipeline.tiles.ownership import empty_tile_table
-from nucleiflow.pipeline.tiles.plan import plan_tiles
-from nucleiflow.pipeline.slide.tissue import detect_tissue, overlay_png
-from nucleiflow.pipeline.outputs.atomic import TEMP_PATTERN, write_json_atomic
+from nucleiflow.pipeline.config import SegmentConfig
+from nucleiflow.pipeline.infer.predictor import Predictor
+from nucleiflow.pipeline.infer.segment_reader import SegmentStats, segment_reader
+from nucleiflow.pipeline.infer.workers import empty_tile_table
+from nucleiflow.pipeline.outputs.atomic import write_json_atomic
 from nucleiflow.pipeline.outputs.layout import SlideOutputs, slide_paths
-
-# Leftovers of killed runs: temp files and folders (`atomic.temp_path`) and claims broken
-# half-way (``.claim.stale-<random>``).
-TEMP_PATTERNS = (TEMP_PATTERN, ".claim.stale-*")
+from nucleiflow.pipeline.slide.reader import SlideReader, open_slide
+from nucleiflow.pipeline.slide.tissue import TissueMask, detect_tissue, overlay_png
+from nucleiflow.pipeline.tiles.plan import TilePlan, plan_slide
 
 
 def run_key(fingerprint: str, model_hash: str, config_key: str) -> dict:
@@ -49,52 +46,11 @@ def run_key(fingerprint: str, model_hash: str, config_key: str) -> dict:
 
 def is_done(run_json: Path, key: dict) -> bool:
     """Does ``run_json`` record a finished run with this key?"""
-    import json
-
     try:
         rec = json.loads(run_json.read_text())
     except (OSError, ValueError):
         return False
     return rec.get("status") == "done" and all(rec.get(k) == v for k, v in key.items())
-
-
-def clean_partial(out: Path, slide_id: str, claim: Claim) -> None:
-    """Remove a previous run's leftovers of this slide: run.json first, then temp files of
-    any process (killed runs), then stale final outputs.
-
-    Only the claim's holder may do this (raises ClaimLost otherwise): another live worker's
-    temp files are its work in progress.
-    """
-    claim.verify()
-    paths = slide_paths(out, slide_id)
-    paths["run_json"].unlink(missing_ok=True)
-    _remove_temps(out, slide_id)
-    paths["parquet"].unlink(missing_ok=True)
-    shutil.rmtree(paths["zarr"], ignore_errors=True)
-    (paths["run_json"].parent / OVERLAY_NAME).unlink(missing_ok=True)
-
-
-def _remove_temps(out: Path, slide_id: str) -> None:
-    paths = slide_paths(out, slide_id)
-    for folder in (paths["parquet"].parent, paths["zarr"].parent):
-        if folder.is_dir():
-            for pattern in TEMP_PATTERNS:
-                for p in folder.glob(pattern):
-                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-
-
-def tidy_done(out: Path, slide_id: str) -> None:
-    """Remove what a run killed after its run.json left beside a done slide (a dead
-    worker's claim, a half-drawn overlay); left alone while another worker holds it."""
-    folder = slide_paths(out, slide_id)["run_json"].parent
-    if not any(folder.glob(".*")):
-        return
-    try:
-        with acquire(folder) as claim:
-            claim.verify()
-            _remove_temps(out, slide_id)
-    except (SlideBusy, ClaimLost, OSError):
-        pass
 
 
 def segment_slide(
@@ -124,7 +80,7 @@ def segment_slide(
         base = {"slide_id": job.slide_id, **key, "path": str(job.path)}
         if _intact_done(paths, key, log):
             log(f"{job.slide_id}: already done with this slide, model and config; skipping")
-            tidy_done(out, job.slide_id)
+            tidy_done(out, job.slide_id, log)
             return {**base, "status": "skipped"}
         try:
             claim = acquire(paths["run_json"].parent, **({} if claim_ttl_s is None else {"ttl_s": claim_ttl_s}))
@@ -139,7 +95,7 @@ def segment_slide(
             check_same_slide(read_record(paths["run_json"]), info.fingerprint, job.path,
                              paths["run_json"].parent, cfg.overwrite)
             damaged = is_done(paths["run_json"], key)  # done with this key, yet not intact
-            record = _segment_claimed(job, out, cfg, predictor, model_hash, reader, key, claim, log, t0)
+            record = _segment_claimed(_Slide(job, out, cfg, predictor, model_hash, reader, key, claim, log, t0))
             return {**record, "reason": "redone: its outputs were damaged"} if damaged else record
 
 
@@ -153,93 +109,107 @@ def _intact_done(paths: dict[str, Path], key: dict, log) -> bool:
     return why is None
 
 
-def _segment_claimed(job: SlideJob, out: Path, cfg: SegmentConfig, predictor: Predictor, model_hash: str,
-                     reader: SlideReader, key: dict, claim: Claim, log, t0: float) -> dict:
-    info, card = reader.info, predictor.card
-    paths = slide_paths(out, job.slide_id)
-    clean_partial(out, job.slide_id, claim)
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
-    tissue = detect_tissue(reader, mpp=cfg.tissue_mpp)
-    # Grow by one mask pixel: edge pixels that are only partly tissue still get tiles.
-    planning_mask = ndi.binary_dilation(tissue.mask, iterations=1)
-    plan = plan_tiles(
-        info.width, info.height, info.mpp_x, card["mpp"], tile_size=cfg.tile_size, halo=cfg.halo,
-        tissue=planning_mask, tissue_mpp=tissue.mpp,
-    )
-    timings["tissue"] = time.perf_counter() - t
-    log(f"{job.slide_id}: {info.width}x{info.height} px at {info.mpp_x:.3f} um/px, "
-        f"tissue {tissue.fraction:.1%}, {len(plan)} tiles of {cfg.tile_size} px at {plan.mpp} um/px")
-    meta = {"model": cfg.model, "model_hash": model_hash, "config_hash": cfg.key(),
-            "slide_fingerprint": info.fingerprint, "source": str(job.path)}
-    outputs = SlideOutputs(
-        out, job.slide_id, shape=(plan.height, plan.width), mpp=plan.mpp, scale=plan.scale,
-        chunk=cfg.tile_size, metadata=meta, tissue=tissue.mask, tissue_mpp=tissue.mpp,
-    )
-    try:
-        def on_tile(tn, offset: int) -> None:
-            if (tn.tile.index + 1) % 10 == 0:
-                log(f"{job.slide_id}: {tn.tile.index + 1}/{len(plan)} tiles")
+@dataclass
+class _Slide:
+    """One claimed slide being segmented: what every step below needs."""
 
-        t = time.perf_counter()
-        stats = segment_reader(
-            reader, plan, predictor, outputs, batch_size=cfg.batch_size, readers=cfg.readers,
-            workers=cfg.workers, on_tile=on_tile,
-        )
-        timings["stream"] = time.perf_counter() - t
-        if stats.tiles == 0:
-            # No tile wrote a table: give the file the columns every other slide's has.
-            # pyarrow, geopandas and DuckDB take a batch's schema from its first file and
-            # silently drop columns missing there (touches_halo_edge, class_*).
-            outputs.write_table(empty_tile_table(classes="tp" in (card.get("outputs") or {})))
-        overlay_png(reader, tissue, plan, paths["run_json"].parent / "overlay.png")
-        t = time.perf_counter()
-        claim.verify()  # never publish over a slide another worker now owns
-        outputs.close({"nuclei": stats.nuclei})  # masks first, the table last (see SlideOutputs)
-        timings["write_close"] = time.perf_counter() - t
-    except BaseException:
-        outputs.abort()
-        _unpublish(paths, claim)
-        raise
+    job: SlideJob
+    out: Path
+    cfg: SegmentConfig
+    predictor: Predictor
+    model_hash: str
+    reader: SlideReader
+    key: dict
+    claim: Claim
+    log: object
+    t0: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def paths(self) -> dict[str, Path]:
+        return slide_paths(self.out, self.job.slide_id)
+
+
+def _segment_claimed(s: _Slide) -> dict:
+    clean_partial(s.out, s.job.slide_id, s.claim)
+    t = time.perf_counter()
+    tissue = detect_tissue(s.reader, mpp=s.cfg.tissue_mpp)
+    plan = plan_slide(s.reader.info, tissue, s.predictor.card.mpp, tile_size=s.cfg.tile_size, halo=s.cfg.halo)
+    s.timings["tissue"] = time.perf_counter() - t
+    info = s.reader.info
+    s.log(f"{s.job.slide_id}: {info.width}x{info.height} px at {info.mpp_x:.3f} um/px, "
+          f"tissue {tissue.fraction:.1%}, {len(plan)} tiles of {s.cfg.tile_size} px at {plan.mpp} um/px")
+    stats = _stream_and_publish(s, tissue, plan)
     if stats.halo_edge_nuclei:
-        warnings.warn(f"{job.slide_id}: {stats.halo_edge_nuclei} nuclei touch the halo edge; "
-                      f"the halo ({cfg.halo} px) may be too small for them", stacklevel=3)
-    tissue_mm2 = float(tissue.mask.sum()) * (tissue.mpp / 1000) ** 2
+        warnings.warn(f"{s.job.slide_id}: {stats.halo_edge_nuclei} nuclei touch the halo edge; "
+                      f"the halo ({s.cfg.halo} px) may be too small for them", stacklevel=4)
     try:
-        record = {
-            "slide_id": job.slide_id, "status": "done", **key, "path": str(job.path),
-            "model": cfg.model, "config": cfg.model_dump(), "model_mpp": plan.mpp,
-            "slide": info.to_dict(), "tissue_fraction": tissue.fraction, "tissue_mm2": tissue_mm2,
-            "tiles": stats.tiles, "nuclei": stats.nuclei, "halo_edge_nuclei": stats.halo_edge_nuclei,
-            **({"reason": f"warning: {tissue.warning}"} if tissue.warning else {}),  # shown in the table
-            "zarr_files": count_files(paths["zarr"]),  # lets a later skip notice a lost chunk
-            "timings_s": {**timings, **{f"tiles_{k}": v for k, v in stats.timer.seconds.items()},
-                          "total": time.perf_counter() - t0},
-            "outputs": {k: str(v) for k, v in paths.items()},
-            "written_by": {"host": socket.gethostname(), "pid": os.getpid(), "claim": claim.token},
-            "versions": versions(),
-        }
-        claim.verify()
-        write_json_atomic(paths["run_json"], record)
+        record = _record(s, tissue, plan, stats)
+        s.claim.verify()
+        write_json_atomic(s.paths["run_json"], record)
     except BaseException:  # e.g. the disk filled up at the very last write
-        _unpublish(paths, claim)
+        unpublish(s.paths, s.claim)
         raise
     # After run.json: drawing takes seconds on a big slide, and before it the final-named
     # table would sit there without run.json all that time. A run killed here leaves a
     # done slide without the picture; the batch summary draws the missing ones.
-    _nuclei_overlay(reader, paths, log)
+    _nuclei_overlay(s.reader, s.paths, s.log)
     return record
 
 
-def _unpublish(paths: dict[str, Path], claim: Claim) -> None:
-    """After a failure: remove what this run renamed to final names already (a writer that
-    closed before another failed, a run.json whose folder sync failed), so a failed slide
-    leaves nothing a batch read picks up. clean_partial removed older outputs of the slide
-    before this run began; while we hold the claim these are this run's."""
-    if claim.owned():
-        paths["run_json"].unlink(missing_ok=True)
-        paths["parquet"].unlink(missing_ok=True)
-        shutil.rmtree(paths["zarr"], ignore_errors=True)
+def _stream_and_publish(s: _Slide, tissue: TissueMask, plan: TilePlan) -> SegmentStats:
+    """Every tile through the model into the slide's outputs, then publish them (masks,
+    then table); on any failure nothing is left under a final name."""
+    info, card = s.reader.info, s.predictor.card
+    meta = {"model": s.cfg.model, "model_hash": s.model_hash, "config_hash": s.cfg.key(),
+            "slide_fingerprint": info.fingerprint, "source": str(s.job.path)}
+    outputs = SlideOutputs(
+        s.out, s.job.slide_id, shape=(plan.height, plan.width), mpp=plan.mpp, scale=plan.scale,
+        chunk=s.cfg.tile_size, metadata=meta, tissue=tissue.mask, tissue_mpp=tissue.mpp,
+    )
+
+    def on_tile(tn, offset: int) -> None:
+        if (tn.tile.index + 1) % 10 == 0:
+            s.log(f"{s.job.slide_id}: {tn.tile.index + 1}/{len(plan)} tiles")
+
+    try:
+        t = time.perf_counter()
+        stats = segment_reader(s.reader, plan, s.predictor, outputs, batch_size=s.cfg.batch_size,
+                               readers=s.cfg.readers, workers=s.cfg.workers, on_tile=on_tile)
+        s.timings["stream"] = time.perf_counter() - t
+        if stats.tiles == 0:
+            # No tile wrote a table: give the file the columns every other slide's has.
+            # pyarrow, geopandas and DuckDB take a batch's schema from its first file and
+            # silently drop columns missing there (touches_halo_edge, class_*).
+            outputs.write_table(empty_tile_table(classes=card.has_classes))
+        overlay_png(s.reader, tissue, plan, s.paths["run_json"].parent / "overlay.png")
+        t = time.perf_counter()
+        s.claim.verify()  # never publish over a slide another worker now owns
+        outputs.close({"nuclei": stats.nuclei})  # masks first, the table last (see SlideOutputs)
+        s.timings["write_close"] = time.perf_counter() - t
+    except BaseException:
+        outputs.abort()
+        unpublish(s.paths, s.claim)
+        raise
+    return stats
+
+
+def _record(s: _Slide, tissue: TissueMask, plan: TilePlan, stats: SegmentStats) -> dict:
+    """The run record written as run.json."""
+    tissue_mm2 = float(tissue.mask.sum()) * (tissue.mpp / 1000) ** 2
+    return {
+        "slide_id": s.job.slide_id, "status": "done", **s.key, "path": str(s.job.path),
+        "model": s.cfg.model, "config": s.cfg.model_dump(), "model_mpp": plan.mpp,
+        "slide": s.reader.info.to_dict(), "tissue_fraction": tissue.fraction, "tissue_mm2": tissue_mm2,
+        "tiles": stats.tiles, "nuclei": stats.nuclei, "halo_edge_nuclei": stats.halo_edge_nuclei,
+        **({"reason": f"warning: {tissue.warning}"} if tissue.warning else {}),  # shown in the table
+        "zarr_files": count_files(s.paths["zarr"]),  # lets a later skip notice a lost chunk
+        "timings_s": {**s.timings, **{f"tiles_{k}": v for k, v in stats.timer.seconds.items()},
+                      "total": time.perf_counter() - s.t0},
+        "outputs": {k: str(v) for k, v in s.paths.items()},
+        "written_by": {"host": socket.gethostname(), "pid": os.getpid(), "claim": s.claim.token},
+        "versions": versions(),
+    }
 
 
 def _nuclei_overlay(reader: SlideReader, paths: dict[str, Path], log) -> Path | None:

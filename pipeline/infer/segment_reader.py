@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from nucleiflow.pipeline.infer.stream import Predictor, StageTimer, stream_tiles
+from nucleiflow.pipeline.infer.predictor import Predictor
+from nucleiflow.pipeline.infer.stream import StageTimer, stream_tiles
 from nucleiflow.pipeline.slide.reader import SlideReader
 from nucleiflow.pipeline.tiles.stitch import LabelStitcher, MemoryMerger, Merger
 from nucleiflow.pipeline.tiles.plan import TilePlan, plan_tiles
@@ -42,9 +43,8 @@ def segment_reader(
     once by the stitcher); ``on_tile(tile_nuclei, id_offset)`` is called after each tile."""
     stats = SegmentStats()
     stitcher = LabelStitcher(plan, merger)
-    post = dict(predictor.card.get("postprocess") or {"method": "hv"})
     for tn in stream_tiles(
-        reader, plan, predictor, post, batch_size=batch_size, readers=readers, workers=workers,
+        reader, plan, predictor, predictor.card.postprocess, batch_size=batch_size, readers=readers, workers=workers,
         timer=stats.timer,
     ):
         offset = stitcher.add(tn)
@@ -65,7 +65,7 @@ def segment_array(
     maps labels back to the slide's pixel grid (nearest), which is where ground truth lives.
     """
     info = reader.info
-    plan = plan_tiles(info.width, info.height, info.mpp_x, predictor.card["mpp"], tile_size=tile_size, halo=halo)
+    plan = plan_tiles(info.width, info.height, info.mpp_x, predictor.card.mpp, tile_size=tile_size, halo=halo)
     merger = MemoryMerger(plan.height, plan.width)
     segment_reader(reader, plan, predictor, merger, batch_size=batch_size)
     return resample_nearest(merger.labels, info.height, info.width, plan.scale)

@@ -1,8 +1,9 @@
-"""What runs inside reader and post-processing worker processes.
+"""What runs inside reader and post-processing worker processes: read a tile's window;
+watershed its maps, decide ownership, cut spills and build its nuclei table.
 
 Kept free of torch (and of everything else the model side needs), so each worker process
-imports only numpy, scipy, scikit-image, shapely and OpenSlide: about 300 MB less per
-worker than importing the inference module would cost.
+imports only numpy, scipy, scikit-image, shapely, pydantic and OpenSlide: about 300 MB less
+per worker than importing the inference module would cost (tests/infer/test_workers.py).
 """
 from __future__ import annotations
 
@@ -13,7 +14,32 @@ import numpy as np
 from nucleiflow.pipeline.slide.reader import SlideReader
 from nucleiflow.pipeline.slide.stain import StainReference, normalise
 from nucleiflow.pipeline.tiles.plan import Tile, TilePlan
-from nucleiflow.pipeline.tiles.ownership import TileNuclei, process_tile
+from nucleiflow.pipeline.config import PostprocessConfig
+from nucleiflow.pipeline.postprocess.morphometry import empty_table, nuclei_table, touches_border
+from nucleiflow.pipeline.postprocess.watershed import postprocess as run_postprocess
+from nucleiflow.pipeline.tiles.ownership import TileNuclei, own_tile
+
+def empty_tile_table(classes: bool = False) -> dict:
+    """A no-row table with exactly the columns ``process_tile`` gives (for a slide with no
+    tiles: its file must have the batch's schema, or readers of the batch drop columns)."""
+    return empty_table(classes=classes, border=True)
+
+
+def process_tile(tile: Tile, maps: dict[str, np.ndarray], plan: TilePlan, post: PostprocessConfig) -> TileNuclei:
+    """Watershed the model maps of one window, then ownership, spills and the polygon table
+    (tile-local ids 1..n; the stitcher numbers them in the slide)."""
+    t0 = time.perf_counter()
+    labels = run_postprocess(maps, post.method, **post.params())
+    res = own_tile(tile, labels, maps["prob"], plan)
+    window = res.extra.pop("window_labels")
+    res.table = nuclei_table(
+        window, maps["prob"], mpp0=plan.mpp / plan.scale, offset=(tile.read.x0, tile.read.y0),
+        scale=plan.scale, ids=1, type_prob=maps.get("type_prob"),
+        border_labels=touches_border(window),
+    )
+    res.seconds = time.perf_counter() - t0
+    return res
+
 
 # -- reader side (runs in reader processes) -------------------------------------------
 _READER: SlideReader | None = None
@@ -50,19 +76,19 @@ def read_window(
 
 # -- post-processing side (runs in worker processes) -----------------------------------
 _PLAN: TilePlan | None = None
-_POST: dict = {}
+_POST: PostprocessConfig | None = None
 
 
-def _init_post(plan: TilePlan, post: dict) -> None:
+def _init_post(plan: TilePlan, post: PostprocessConfig) -> None:
     global _PLAN, _POST
     _PLAN, _POST = plan, post
 
 
 def _process(args: tuple[Tile, dict[str, np.ndarray]]) -> TileNuclei:
-    assert _PLAN is not None
+    assert _PLAN is not None and _POST is not None
     return _process_with(_PLAN, _POST, args)
 
 
-def _process_with(plan: TilePlan, post: dict, args: tuple[Tile, dict[str, np.ndarray]]) -> TileNuclei:
+def _process_with(plan: TilePlan, post: PostprocessConfig, args: tuple[Tile, dict[str, np.ndarray]]) -> TileNuclei:
     tile, maps = args
     return process_tile(tile, maps, plan, post)

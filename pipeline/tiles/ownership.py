@@ -1,4 +1,4 @@
-"""Per-tile work after the model: watershed, ownership, spill fragments, polygons.
+"""Which tile owns each nucleus, and the pixels owned nuclei spill into neighbouring cores.
 
 Runs in post-processing worker processes, so it takes and returns plain arrays. A tile's
 window is its core plus ``halo`` px per side. A nucleus is *owned* iff its centroid lies in
@@ -7,13 +7,11 @@ the core; owned nuclei are kept whole, including the pixels that lie in a neighb
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from nucleiflow.pipeline.postprocess.morphometry import empty_table, nuclei_table, ownership, relabel, touches_border
-from nucleiflow.pipeline.postprocess.watershed import postprocess as run_postprocess
+from nucleiflow.pipeline.postprocess.morphometry import ownership, relabel, touches_border
 from nucleiflow.pipeline.tiles.plan import Box, Tile, TilePlan
 
 
@@ -124,25 +122,3 @@ def own_tile(tile: Tile, labels: np.ndarray, prob: np.ndarray, plan: TilePlan) -
         n_halo_edge=int(touches_border(window).size),
         extra={"window_labels": window},
     )
-
-
-def empty_tile_table(classes: bool = False) -> dict:
-    """A no-row table with exactly the columns ``process_tile`` gives (for a slide with no
-    tiles: its file must have the batch's schema, or readers of the batch drop columns)."""
-    return empty_table(classes=classes, border=True)
-
-
-def process_tile(tile: Tile, maps: dict[str, np.ndarray], plan: TilePlan, post: dict) -> TileNuclei:
-    """Watershed the model maps of one window, then ownership, spills and the polygon table."""
-    t0 = time.perf_counter()
-    params = {k: v for k, v in post.items() if k != "method"}
-    labels = run_postprocess(maps, post.get("method", "hv"), **params)
-    res = own_tile(tile, labels, maps["prob"], plan)
-    window = res.extra.pop("window_labels")
-    res.table = nuclei_table(
-        window, maps["prob"], mpp0=plan.mpp / plan.scale, offset=(tile.read.x0, tile.read.y0),
-        scale=plan.scale, ids=1, type_prob=maps.get("type_prob"),
-        border_labels=touches_border(window),
-    )
-    res.seconds = time.perf_counter() - t0
-    return res

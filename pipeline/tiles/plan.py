@@ -15,8 +15,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+from scipy import ndimage as ndi
+
+if TYPE_CHECKING:
+    from nucleiflow.pipeline.slide.reader import SlideInfo
+    from nucleiflow.pipeline.slide.tissue import TissueMask
 
 
 @dataclass(frozen=True, order=True)
@@ -201,3 +207,16 @@ def plan_tiles(
                 continue
             tiles.append(Tile(len(tiles), row, col, core, core.grow(halo)))
     return TilePlan(width, height, mpp, scale, tile_size, halo, tuple(origin), tuple(tiles))
+
+
+def plan_slide(info: SlideInfo, tissue: TissueMask, model_mpp: float, *, tile_size: int, halo: int) -> TilePlan:
+    """The tile plan of a slide: the one function `segment` and `inspect` both use, so
+    inspect's ``tile_count`` is the number of tiles segment runs.
+
+    info: the slide's level-0 size (px) and mpp; tissue: its thumbnail mask; model_mpp:
+    the model card's um/px. The mask is grown by one mask pixel first: edge pixels that are
+    only partly tissue still get tiles.
+    """
+    planning_mask = ndi.binary_dilation(tissue.mask, iterations=1)
+    return plan_tiles(info.width, info.height, info.mpp_x, model_mpp, tile_size=tile_size, halo=halo,
+                      tissue=planning_mask, tissue_mpp=tissue.mpp)

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from nucleiflow.pipeline.train.datasets import read_splits
-from nucleiflow.pipeline.infer.stream import Predictor
+from nucleiflow.pipeline.infer.predictor import Predictor
 from nucleiflow.pipeline.train.metrics import score_instances
 from nucleiflow.pipeline.infer.segment_reader import segment_array
 from nucleiflow.pipeline.slide.reader import ArraySlide

@@ -7,13 +7,11 @@ to ``<work>/last.pt`` (atomic rename), and a re-run with the same config resumes
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import math
-import os
 import platform
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,7 +24,8 @@ from nucleiflow.models.checkpoint import load_checkpoint
 from nucleiflow.models.registry import create_model
 from nucleiflow.pipeline.train.datasets import AnnotatedDataset, PatchSampler, read_splits, tiles, validation_split
 from nucleiflow.pipeline.train.unlabelled import unlabelled_tiles
-from nucleiflow.pipeline.infer.stream import pick_device
+from nucleiflow.pipeline.config import config_hash
+from nucleiflow.pipeline.infer.device import pick_device
 from nucleiflow.pipeline.outputs.atomic import atomic_write
 
 
@@ -83,8 +82,7 @@ class TrainConfig(BaseModel):
 
     def key(self) -> str:
         """Hash of everything that shapes the trained weights (not where they go)."""
-        data = self.model_dump(exclude={"out", "device", "eval_tile_size", "tune_postprocess"})
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+        return config_hash(self.model_dump(exclude={"out", "device", "eval_tile_size", "tune_postprocess"}))
 
 
 def _loss(arch: str, out: dict, tgt: dict | None, teacher_out: dict | None, cfg: TrainConfig,
@@ -145,117 +143,153 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     val_batches = list(tiles(val_ds, patch=cfg.train.patch, batch_size=cfg.train.batch_size))
 
     model = create_model(cfg.arch, **cfg.kwargs).to(device)
-    teacher = unlabelled = None
-    if cfg.teacher is not None:
-        teacher, tcard = load_checkpoint(cfg.teacher.model, map_location=device)
-        teacher.eval().requires_grad_(False)
-        log(f"teacher: {cfg.teacher.model} ({tcard.get('arch')}), alpha={cfg.teacher.alpha}")
-        if abs(float(tcard.get("mpp", cfg.mpp)) - cfg.mpp) > 1e-6:
-            # The teacher sees the student's tiles: at another scale its outputs are off.
-            log(f"warning: teacher was trained at {tcard['mpp']} um/px, the student trains at {cfg.mpp}")
-        if cfg.teacher.unlabelled_slides and cfg.teacher.unlabelled_tiles:
-            unlabelled = unlabelled_tiles(
-                cfg.teacher.unlabelled_slides, cfg.mpp, cfg.train.patch, cfg.teacher.unlabelled_tiles, seed=cfg.train.seed
-            )
-            log(f"unlabelled: {len(unlabelled.arrays)} tissue tiles from {len(cfg.teacher.unlabelled_slides)} slides")
+    teacher, unlabelled = _teacher(cfg, device, log)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.train.epochs, eta_min=cfg.train.lr * 0.05)
     amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     if amp:
         model = model.to(memory_format=torch.channels_last)
+    parts = {"model": model, "opt": opt, "sched": sched, "sampler": sampler, "unlabelled": unlabelled}
 
     state_path = work / "last.pt"
-    start, history, best_val, best_state, bad = 0, [], math.inf, None, 0
-    elapsed, stopped = 0.0, None
-    if state_path.exists():
-        st = torch.load(state_path, map_location=device, weights_only=False)
-        if st.get("key") == cfg.key():
-            model.load_state_dict(st["model"])
-            opt.load_state_dict(st["opt"])
-            sched.load_state_dict(st["sched"])
-            sampler.set_state(st["sampler"])
-            torch.set_rng_state(st["torch_rng"])
-            start, history, best_val, bad = st["epoch"], st["history"], st["best_val"], st["bad"]
-            best_state, elapsed = st["best_state"], st.get("seconds", 0.0)
-            stopped = st.get("stopped")
-            if unlabelled is not None and st.get("unlabelled_rng") is not None:
-                unlabelled.rng.bit_generator.state = st["unlabelled_rng"]
-            if stopped:  # early stop / time budget: a re-run must not train on past it
-                log(f"training already finished at epoch {start} ({stopped}); not training further")
-            else:
-                log(f"resuming from epoch {start} (best validation loss {best_val:.4f})")
-        else:
-            log(f"{state_path} belongs to another config; starting afresh")
-
-    t_start = time.perf_counter() - elapsed
-    epoch = start
-    for epoch in range(start, cfg.train.epochs if not stopped else start):
+    run = _resume(state_path, cfg, device, parts, log)
+    t_start = time.perf_counter() - run.elapsed
+    for epoch in range(run.start, cfg.train.epochs if not run.stopped else run.start):
         stage = _stage(cfg, epoch)
-        if stage is not None:
-            model.set_stage(stage)
-        model.train()
-        if stage == "stage2":  # frozen stage 1 keeps its BatchNorm statistics
-            model.set_stage(stage)
-        t0, running = time.perf_counter(), []
-        for step in range(cfg.train.steps_per_epoch):
-            batch = _to(sampler.sample(cfg.train.batch_size), device)
-            x = batch.pop("image")
-            tgt = batch
-            # The last step of every N is unlabelled (N = 1: all of them).
-            if unlabelled is not None and step % cfg.teacher.unlabelled_every == cfg.teacher.unlabelled_every - 1:
-                x, tgt = unlabelled.sample(cfg.train.batch_size)["image"].to(device), None
-            if amp:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-                out = model(x)
-                t_out = None
-                if teacher is not None:
-                    with torch.no_grad():
-                        t_out = teacher(x)
-                loss = _loss(cfg.arch, out, tgt, t_out, cfg, stage)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            running.append(float(loss.detach()))
+        t0 = time.perf_counter()
+        train_loss = _epoch(cfg, device, stage, parts, teacher, scaler)
         sched.step()
         val = validation_loss(model, val_batches, cfg, device, stage)
-        train_loss = float(np.mean(running))
-        improved = val < best_val - 1e-4
+        improved = val < run.best_val - 1e-4
         if improved:
-            best_val, bad = val, 0
-            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+            run.best_val, run.bad = val, 0
+            run.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
         else:
-            bad += 1
-        history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val,
-                        "seconds": round(time.perf_counter() - t0, 2), "stage": stage})
+            run.bad += 1
+        run.history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val,
+                            "seconds": round(time.perf_counter() - t0, 2), "stage": stage})
         log(f"epoch {epoch + 1}/{cfg.train.epochs}  train {train_loss:.4f}  val {val:.4f}"
             f"{'  *' if improved else ''}  ({time.perf_counter() - t0:.1f} s)")
-        stage_change = _stage(cfg, epoch + 1) != stage
-        if bad >= cfg.train.patience and not stage_change and stage in (None, "finetune"):
-            stopped = f"early stop: no validation improvement for {bad} epochs"
-        elif cfg.train.max_minutes and time.perf_counter() - t_start > cfg.train.max_minutes * 60:
-            stopped = f"time budget of {cfg.train.max_minutes} min reached"
+        run.stopped = _stop_reason(cfg, run.bad, epoch, stage, time.perf_counter() - t_start)
         # The stop decision is saved too, so a re-run of a stopped run does not train on.
         _save_state(state_path, {
             "key": cfg.key(), "epoch": epoch + 1, "model": model.state_dict(), "opt": opt.state_dict(),
             "sched": sched.state_dict(), "sampler": sampler.get_state(), "torch_rng": torch.get_rng_state(),
             "unlabelled_rng": unlabelled.rng.bit_generator.state if unlabelled is not None else None,
-            "history": history, "best_val": best_val, "best_state": best_state, "bad": bad,
-            "seconds": time.perf_counter() - t_start, "stopped": stopped,
+            "history": run.history, "best_val": run.best_val, "best_state": run.best_state, "bad": run.bad,
+            "seconds": time.perf_counter() - t_start, "stopped": run.stopped,
         })
-        if stopped:
-            log(stopped)
+        if run.stopped:
+            log(run.stopped)
             break
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    if run.best_state is not None:
+        model.load_state_dict(run.best_state)
     model.eval()
     return {
-        "model": model, "history": history, "epochs": len(history), "best_val": best_val,
+        "model": model, "history": run.history, "epochs": len(run.history), "best_val": run.best_val,
         "seconds": round(time.perf_counter() - t_start, 1), "train_names": train_names, "val_names": val_names,
         "device": str(device), "hardware": hardware(device),
     }
+
+
+def _teacher(cfg: TrainConfig, device: torch.device, log: Callable[[str], None]):
+    """(teacher model or None, UnlabelledTiles or None) for a distillation config."""
+    if cfg.teacher is None:
+        return None, None
+    teacher, tcard = load_checkpoint(cfg.teacher.model, map_location=device)
+    teacher.eval().requires_grad_(False)
+    log(f"teacher: {cfg.teacher.model} ({tcard.get('arch')}), alpha={cfg.teacher.alpha}")
+    if abs(float(tcard.get("mpp", cfg.mpp)) - cfg.mpp) > 1e-6:
+        # The teacher sees the student's tiles: at another scale its outputs are off.
+        log(f"warning: teacher was trained at {tcard['mpp']} um/px, the student trains at {cfg.mpp}")
+    unlabelled = None
+    if cfg.teacher.unlabelled_slides and cfg.teacher.unlabelled_tiles:
+        unlabelled = unlabelled_tiles(
+            cfg.teacher.unlabelled_slides, cfg.mpp, cfg.train.patch, cfg.teacher.unlabelled_tiles, seed=cfg.train.seed
+        )
+        log(f"unlabelled: {len(unlabelled.arrays)} tissue tiles from {len(cfg.teacher.unlabelled_slides)} slides")
+    return teacher, unlabelled
+
+
+@dataclass
+class _Run:
+    """Where a run stands: what `_save_state` stores besides weights and optimiser."""
+
+    start: int = 0
+    history: list = field(default_factory=list)
+    best_val: float = math.inf
+    best_state: dict | None = None
+    bad: int = 0
+    elapsed: float = 0.0
+    stopped: str | None = None
+
+
+def _resume(state_path: Path, cfg: TrainConfig, device: torch.device, parts: dict, log: Callable[[str], None]) -> _Run:
+    """Load ``state_path`` into ``parts`` (model, opt, sched, sampler, unlabelled) when it
+    belongs to this config; the run's position either way."""
+    if not state_path.exists():
+        return _Run()
+    st = torch.load(state_path, map_location=device, weights_only=False)
+    if st.get("key") != cfg.key():
+        log(f"{state_path} belongs to another config; starting afresh")
+        return _Run()
+    for name in ("model", "opt", "sched"):
+        parts[name].load_state_dict(st[name])
+    parts["sampler"].set_state(st["sampler"])
+    torch.set_rng_state(st["torch_rng"])
+    run = _Run(st["epoch"], st["history"], st["best_val"], st["best_state"], st["bad"], st.get("seconds", 0.0),
+               st.get("stopped"))
+    if parts["unlabelled"] is not None and st.get("unlabelled_rng") is not None:
+        parts["unlabelled"].rng.bit_generator.state = st["unlabelled_rng"]
+    if run.stopped:  # early stop / time budget: a re-run must not train on past it
+        log(f"training already finished at epoch {run.start} ({run.stopped}); not training further")
+    else:
+        log(f"resuming from epoch {run.start} (best validation loss {run.best_val:.4f})")
+    return run
+
+
+def _epoch(cfg: TrainConfig, device: torch.device, stage: str | None, parts: dict, teacher, scaler) -> float:
+    """One epoch of ``cfg.train.steps_per_epoch`` steps; returns the mean training loss."""
+    model, opt, sampler, unlabelled = parts["model"], parts["opt"], parts["sampler"], parts["unlabelled"]
+    if stage is not None:
+        model.set_stage(stage)
+    model.train()
+    if stage == "stage2":  # frozen stage 1 keeps its BatchNorm statistics
+        model.set_stage(stage)
+    amp, running = device.type == "cuda", []
+    for step in range(cfg.train.steps_per_epoch):
+        batch = _to(sampler.sample(cfg.train.batch_size), device)
+        x = batch.pop("image")
+        tgt = batch
+        # The last step of every N is unlabelled (N = 1: all of them).
+        if unlabelled is not None and step % cfg.teacher.unlabelled_every == cfg.teacher.unlabelled_every - 1:
+            x, tgt = unlabelled.sample(cfg.train.batch_size)["image"].to(device), None
+        if amp:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            out = model(x)
+            t_out = None
+            if teacher is not None:
+                with torch.no_grad():
+                    t_out = teacher(x)
+            loss = _loss(cfg.arch, out, tgt, t_out, cfg, stage)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        running.append(float(loss.detach()))
+    return float(np.mean(running))
+
+
+def _stop_reason(cfg: TrainConfig, bad: int, epoch: int, stage: str | None, seconds: float) -> str | None:
+    """Why training stops after ``epoch`` (0-based), or None to go on."""
+    stage_change = _stage(cfg, epoch + 1) != stage
+    if bad >= cfg.train.patience and not stage_change and stage in (None, "finetune"):
+        return f"early stop: no validation improvement for {bad} epochs"
+    if cfg.train.max_minutes and seconds > cfg.train.max_minutes * 60:
+        return f"time budget of {cfg.train.max_minutes} min reached"
+    return None
 
 
 @torch.no_grad()

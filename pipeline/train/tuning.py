@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from nucleiflow.pipeline.train.datasets import read_splits
-from nucleiflow.pipeline.infer.stream import Predictor
+from nucleiflow.pipeline.infer.predictor import Predictor
 from nucleiflow.pipeline.train.metrics import aji
 from nucleiflow.pipeline.postprocess.watershed import postprocess
 from nucleiflow.pipeline.infer.segment_reader import resample_nearest
@@ -30,7 +30,7 @@ GRIDS: dict[str, dict[str, Sequence[float]]] = {
 def _maps(predictor: Predictor, rgb: np.ndarray, mpp: float, pad: int = 64) -> tuple[dict, float, tuple]:
     """Model maps of a whole image at the model's mpp, with ``pad`` px of white context."""
     slide = ArraySlide(rgb, mpp=mpp)
-    plan = plan_tiles(rgb.shape[1], rgb.shape[0], mpp, predictor.card["mpp"])  # same mpp snapping as tiles
+    plan = plan_tiles(rgb.shape[1], rgb.shape[0], mpp, predictor.card.mpp)  # same mpp snapping as tiles
     scale, h, w = plan.scale, plan.height, plan.width
     side = int(np.ceil((max(h, w) + 2 * pad) / 32) * 32)
     window = slide.read(-pad * scale, -pad * scale, side, side, plan.mpp)

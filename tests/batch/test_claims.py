@@ -13,7 +13,7 @@ import pytest
 
 from nucleiflow.pipeline.batch import claims
 from nucleiflow.pipeline.batch.claims import ClaimLost, SlideBusy, acquire
-from nucleiflow.pipeline.batch.run_slide import clean_partial, tidy_done
+from nucleiflow.pipeline.batch.cleanup import clean_partial, tidy_done
 from nucleiflow.pipeline.outputs.atomic import temp_path
 from nucleiflow.pipeline.outputs.layout import slide_paths
 

@@ -39,7 +39,7 @@ from nucleiflow.models.checkpoint import load_checkpoint, model_hash, save_check
 from nucleiflow.pipeline.train import metrics
 from nucleiflow.pipeline.config import SegmentConfig
 from nucleiflow.pipeline.outputs.geoparquet import GeoParquetWriter
-from nucleiflow.pipeline.infer.stream import Predictor
+from nucleiflow.pipeline.infer.predictor import Predictor
 from nucleiflow.pipeline.batch.manifest import SlideJob
 from nucleiflow.pipeline.train.card import build_card
 from nucleiflow.pipeline.outputs.omezarr import OmeZarrWriter
@@ -170,6 +170,18 @@ def test_run_records(batch):
     for rec in records.values():  # nuclei cut by the halo's edge are counted, recorded and warned about
         warned = any("touch the halo edge" in w for w in rec["_warnings"])
         assert warned == (rec["halo_edge_nuclei"] > 0)
+
+
+def test_inspect_plans_the_tiles_segment_runs(batch, slides, ci_model):
+    # One plan function for both: inspect's tile_count is what segment ran. (Before, inspect
+    # planned on the raw tissue mask: 18 tiles here against segment's 20.)
+    out, records = batch
+    exe = Path(sys.executable).with_name("nucleiflow")
+    res = subprocess.run([str(exe), "inspect", slides["cmu"].path, "--json", "--mpp", "0.25", "--model", str(ci_model[2]),
+                          "--tile-size", "256", "--halo", "32"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    run = json.loads((out / "cmu" / "run.json").read_text())
+    assert json.loads(res.stdout)["tile_count"] == run["tiles"] == records["cmu"]["tiles"] > 0
 
 
 def test_batch_loads_in_one_geopandas_call(batch):
@@ -328,7 +340,7 @@ def max_overlap(geoms: np.ndarray) -> float:
 def segment_memory(reader, predictor, tile, halo, origin=(0, 0)):
     """Polygons (level-0) and stats of one in-memory run with the given grid."""
     info = reader.info
-    plan = plan_tiles(info.width, info.height, info.mpp_x, predictor.card["mpp"], tile_size=tile, halo=halo,
+    plan = plan_tiles(info.width, info.height, info.mpp_x, predictor.card.mpp, tile_size=tile, halo=halo,
                       origin=origin)
     polys = []
     stats = segment_reader(reader, plan, predictor, MemoryMerger(plan.height, plan.width),

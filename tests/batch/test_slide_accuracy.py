@@ -15,7 +15,7 @@ import zarr
 from nucleiflow.models.checkpoint import load_checkpoint
 from nucleiflow.pipeline.config import SegmentConfig
 from nucleiflow.pipeline.train.evaluation import evaluate
-from nucleiflow.pipeline.infer.stream import Predictor
+from nucleiflow.pipeline.infer.predictor import Predictor
 from nucleiflow.pipeline.batch.manifest import SlideJob
 from nucleiflow.pipeline.train.metrics import aji
 from nucleiflow.pipeline.infer.segment_reader import resample_nearest

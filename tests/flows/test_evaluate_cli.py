@@ -17,7 +17,7 @@ from skimage.segmentation import relabel_sequential
 
 from nucleiflow.models.checkpoint import bundled_names, load_checkpoint, save_checkpoint
 from nucleiflow.pipeline.train.evaluation import METRICS, evaluate
-from nucleiflow.pipeline.infer.stream import Predictor
+from nucleiflow.pipeline.infer.predictor import Predictor
 from nucleiflow.pipeline.train.card import build_card
 from nucleiflow.pipeline.train.loop import TrainConfig, train
 

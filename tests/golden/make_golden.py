@@ -31,7 +31,7 @@ def predict(name: str, image: np.ndarray) -> dict[str, np.ndarray]:
     try:
         from nucleiflow.pipeline.infer.predictor import Predictor
     except ImportError:  # before the stage subpackages
-        from nucleiflow.pipeline.infer.stream import Predictor
+        from nucleiflow.pipeline.infer.predictor import Predictor
     net, card = load_checkpoint(name)
     return Predictor(net, card, device="cpu")(image[None])
 

@@ -18,13 +18,16 @@ import shapely
 import torch
 from PIL import Image
 
-from nucleiflow.pipeline.infer.stream import Predictor, stream_tiles
+from nucleiflow.pipeline.config import DistancePostprocess
+from nucleiflow.pipeline.infer.predictor import Predictor
+from nucleiflow.pipeline.infer.stream import stream_tiles
 from nucleiflow.pipeline.slide.reader import ArraySlide
 from nucleiflow.pipeline.tiles.stitch import LabelStitcher, MemoryMerger
 from nucleiflow.pipeline.tiles.plan import Box, TilePlan, plan_tiles
 from nucleiflow.pipeline.tiles.ownership import own_tile
 
 MPP = 0.5
+DISTANCE = DistancePostprocess(method="distance")
 GT_NAME = "TCGA-2Z-A9J9-01A-01-TS1"  # MoNuSeg test image; largest nucleus 46 px across
 
 
@@ -45,7 +48,7 @@ def stitch(reader, plan, pred, **kw):
     store = MemoryMerger(plan.height, plan.width)
     stitcher = LabelStitcher(plan, store)
     results = []
-    for tn in stream_tiles(reader, plan, pred, pred.card["postprocess"], batch_size=3, **kw):
+    for tn in stream_tiles(reader, plan, pred, pred.card.postprocess, batch_size=3, **kw):
         stitcher.add(tn)
         results.append(tn)
     return store, results
@@ -272,7 +275,7 @@ def test_two_inline_streams_in_one_process_stay_apart():
     pred = predictor(prob_threshold=2.0)
     stores = [MemoryMerger(p.height, p.width) for p in plans]
     stitchers = [LabelStitcher(p, s) for p, s in zip(plans, stores)]
-    streams = [iter(stream_tiles(ArraySlide(im, MPP), p, pred, pred.card["postprocess"], batch_size=1,
+    streams = [iter(stream_tiles(ArraySlide(im, MPP), p, pred, pred.card.postprocess, batch_size=1,
                                  readers=0, workers=0)) for im, p in zip(imgs, plans)]
     live = [0, 1]
     while live:
@@ -291,14 +294,14 @@ def test_nuclei_end_at_the_slide_edge_in_table_and_raster():
     # its row and polygon describe only the pixels inside the slide, which the raster holds.
     from skimage.draw import disk
 
-    from nucleiflow.pipeline.tiles.ownership import process_tile
+    from nucleiflow.pipeline.infer.workers import process_tile
 
     plan = plan_tiles(100, 60, MPP, MPP, tile_size=64, halo=16)
     tile = next(t for t in plan if (t.row, t.col) == (0, 1))  # core [64, 100), window x [48, 144)
     w = plan.tile_size + 2 * plan.halo
     prob = np.zeros((w, w), np.float32)
     prob[disk((16 + 30, 95 - 48), 10, shape=prob.shape)] = 1.0  # centre (95, 30), reaches x = 105
-    tn = process_tile(tile, {"prob": prob}, plan, {"method": "distance"})
+    tn = process_tile(tile, {"prob": prob}, plan, DISTANCE)
     assert tn.n == 1
     inside = np.zeros((60, 100), np.int32)
     inside[disk((30, 95), 10, shape=inside.shape)] = 1
@@ -308,5 +311,5 @@ def test_nuclei_end_at_the_slide_edge_in_table_and_raster():
     stitcher = LabelStitcher(plan, store)
     for t in plan:
         stitcher.add(tn if t.index == tile.index else
-                     process_tile(t, {"prob": np.zeros((w, w), np.float32)}, plan, {"method": "distance"}))
+                     process_tile(t, {"prob": np.zeros((w, w), np.float32)}, plan, DISTANCE))
     np.testing.assert_array_equal(store.labels, inside)

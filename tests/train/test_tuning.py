@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nucleiflow.models.registry import create_model
-from nucleiflow.pipeline.infer.stream import Predictor
+from nucleiflow.pipeline.infer.predictor import Predictor
 from nucleiflow.pipeline.train.tuning import GRIDS, tune_postprocess
 
 

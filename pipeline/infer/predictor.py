@@ -1,0 +1,80 @@
+"""The model side of inference: a checkpoint and its validated card -> per-pixel maps.
+
+``load_predictor`` is where a checkpoint's card is validated (`config.ModelCard`): a bad
+card fails here, naming the file and the key, before any slide is claimed.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from nucleiflow.models.checkpoint import CARD, WEIGHTS, load_checkpoint, resolve
+from nucleiflow.models.outputs import to_maps
+from nucleiflow.pipeline.config import CardError, ModelCard
+from nucleiflow.pipeline.infer.device import pick_device
+
+
+class Predictor:
+    """Model + its card -> per-pixel maps for a batch of RGB tiles.
+
+    ``__call__(images: (B,H,W,3) uint8) -> dict`` of numpy float32 maps: "prob" (B,H,W),
+    optionally "hv" (B,2,H,W), "marker" (B,H,W), "type_prob" (B,k,H,W). ``card`` may be a
+    plain dict (validated here) or a `ModelCard`.
+    """
+
+    def __init__(self, model: torch.nn.Module, card: ModelCard | Mapping[str, Any], device: str = "auto") -> None:
+        self.device = pick_device(device)
+        self.model = model.to(self.device).eval()
+        self.card = ModelCard.of(card)
+        self.cuda = self.device.type == "cuda"
+        if self.cuda:
+            self.model = self.model.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True
+
+    @torch.inference_mode()
+    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+        if self.cuda:
+            x = x.pin_memory().to(self.device, non_blocking=True)
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.float().div_(255.0)
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.cuda):
+            maps = to_maps(self.model(x))
+        out = {}
+        for k, v in maps.items():
+            arr = v.float().cpu().numpy()
+            out[k] = arr[:, 0] if k in ("prob", "marker") else arr
+        return out
+
+
+def load_card(name_or_path: str | os.PathLike) -> ModelCard:
+    """The validated card of a bundled name or checkpoint folder (CardError if it is bad;
+    KeyError / FileNotFoundError if there is no such checkpoint)."""
+    folder = resolve(name_or_path)
+    if not (folder / CARD).is_file():
+        raise FileNotFoundError(f"{folder} is not a checkpoint: missing {CARD}")
+    return ModelCard.load(folder / CARD)
+
+
+def check_weights(name_or_path: str | os.PathLike) -> torch.nn.Module:
+    """The checkpoint's model with its weights loaded; CardError naming model.safetensors
+    when they do not load (truncated file, shapes that do not fit the card's kwargs)."""
+    folder = resolve(name_or_path)
+    try:
+        net, _ = load_checkpoint(folder)
+    except Exception as e:  # noqa: BLE001 - safetensors / torch errors have no common type
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CardError(f"{folder / WEIGHTS}: cannot load the weights ({first}); "
+                        "copy the checkpoint again or retrain it") from None
+    return net
+
+
+def load_predictor(name_or_path: str | os.PathLike, device: str = "auto") -> Predictor:
+    """Validate the card first (a clear error, not a TypeError in a worker), then load."""
+    card = load_card(name_or_path)
+    net = check_weights(name_or_path)
+    return Predictor(net, card, device=device)
