@@ -147,7 +147,7 @@ def instrument_writers() -> tuple[dict[str, float], dict[str, int]]:
         setattr(cls, name, wrapper)
 
     timed(GeoParquetWriter, "write", "main_parquet_write")
-    # The stitcher's ChunkStore calls (not write_tile, which both go through).
+    # The stitcher's Merger calls on the Zarr side (SlideOutputs forwards them).
     timed(OmeZarrWriter, "write_labels", "main_zarr_labels_write")
     timed(OmeZarrWriter, "write_prob", "main_zarr_prob_write")
     timed(OmeZarrWriter, "read_labels", "main_zarr_labels_read")

@@ -58,7 +58,8 @@ def inspect(
     """
     from nucleiflow.pipeline.infer.predictor import load_card
     from nucleiflow.pipeline.slide.reader import SlideError, open_slide
-    from nucleiflow.pipeline.slide.tissue import detect_tissue, overlay_png
+    from nucleiflow.pipeline.outputs.overlays import overlay_png
+    from nucleiflow.pipeline.slide.tissue import detect_tissue
     from nucleiflow.pipeline.tiles.plan import plan_slide
 
     if model_mpp is None:

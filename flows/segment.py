@@ -8,7 +8,7 @@
   and the flow run ends in a ``Failed`` state named "CompletedWithFailures" whose message
   names the failed slides (its data is the report). Failed, not Completed: alerts,
   automations and ``prefect deployment run --watch`` key on the state type.
-* Slides are claimed (``pipeline.claims``): two batches on one output folder share the work
+* Slides are claimed (``pipeline.batch.claims``): two batches on one output folder share the work
   and report the other's slides as "busy".
 * ``dask_address`` (or ``segment_slides.with_options(task_runner=DaskTaskRunner(...))``)
   runs the slide tasks on a Dask cluster, one slide per Dask worker thread.
@@ -41,10 +41,9 @@ from nucleiflow.pipeline.infer.predictor import Predictor, check_weights, load_c
 from nucleiflow.pipeline.batch.manifest import SlideJob, expand_slides
 from nucleiflow.pipeline.batch.run_slide import segment_slide
 from nucleiflow.pipeline.slide.reader import SlideError
-from nucleiflow.pipeline.batch.report import write_summary
+from nucleiflow.pipeline.batch.report import STATUSES, format_report, write_summary
 from nucleiflow.pipeline.outputs.atomic import write_json_atomic
 
-STATUSES = ("done", "skipped", "busy", "failed")
 MESSAGE_SLIDES = 10  # failed slides named in the flow run's state message (all are in the report)
 
 
@@ -181,19 +180,6 @@ def run_slides(jobs: list[SlideJob], out: str, cfg: SegmentConfig, dask_address:
     with runner_cm as runner:
         futures = [runner.submit(segment_slide_task, {"job": j, "out": out, "cfg": cfg}) for j in jobs]
         return [_gather(j, f) for j, f in zip(jobs, futures)]
-
-
-def format_report(report: dict) -> list[str]:
-    """The batch table: slide, status, nuclei, tissue mm2, time, reason (a line per slide),
-    then the counts and the report's path."""
-    lines = [f"{'slide':<32} {'status':<8} {'nuclei':>8} {'tissue mm2':>10} {'time s':>8}  reason"]
-    for r in report["slides"]:
-        nuclei = "-" if r.get("nuclei") is None else str(r["nuclei"])
-        tissue = "-" if r.get("tissue_mm2") is None else f"{r['tissue_mm2']:.2f}"
-        secs = "-" if r.get("seconds") is None else f"{r['seconds']:.1f}"
-        lines.append(f"{r['slide_id']:<32} {r['status']:<8} {nuclei:>8} {tissue:>10} {secs:>8}  {r.get('reason') or ''}")
-    lines.append(", ".join(f"{report[s]} {s}" for s in STATUSES) + f"; report: {report.get('report') or 'NOT WRITTEN'}")
-    return lines
 
 
 @flow(name="segment-slides", log_prints=True)

@@ -1,6 +1,6 @@
 """Prefect flow `train-model`: train (or resume) -> evaluate on held-out data -> write the
 checkpoint and its card -> compare with the checkpoint it replaces. Logic lives in
-nucleiflow.pipeline.train.loop / evaluation / modelcard; this module only orchestrates."""
+nucleiflow.pipeline.train.loop / evaluation / card; this module only orchestrates."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from nucleiflow.pipeline.batch.claims import Claim, ClaimLost, SlideBusy, acquire
-from nucleiflow.pipeline.batch.report import OVERLAY_NAME
+from nucleiflow.pipeline.outputs.overlays import OVERLAY_NAME
 from nucleiflow.pipeline.outputs.atomic import TEMP_PATTERN
 from nucleiflow.pipeline.outputs.layout import slide_paths
 

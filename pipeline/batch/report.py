@@ -1,12 +1,11 @@
-"""The morning after: a nuclei overlay PNG per slide, a batch summary CSV and an area plot.
+"""The morning after: the batch table, a summary CSV and an area plot over a batch folder.
 
-``<out>/<slide_id>/nuclei_overlay.png``  slide thumbnail with every nucleus outline, drawn
-                                         from the GeoParquet table, streamed by row group
 ``<out>/summary.csv``                    one row per finished slide in ``<out>``: nuclei,
                                          tissue mm2, nuclei per mm2, area quantiles
 ``<out>/summary.png``                    the nucleus area distribution of each slide
 
-All three are drawn with PIL (no plotting dependency) and written atomically (temp + rename).
+Drawn with PIL (no plotting dependency), written atomically; missing nuclei overlays
+(`outputs.overlays`) are drawn here too.
 """
 from __future__ import annotations
 
@@ -14,99 +13,51 @@ import csv
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-import shapely
 from PIL import Image, ImageDraw, ImageFont
 
-from nucleiflow.pipeline.slide.reader import SlideError, SlideReader, open_slide
+from nucleiflow.pipeline.slide.reader import SlideError
 from nucleiflow.pipeline.outputs.atomic import atomic_write
 from nucleiflow.pipeline.outputs.layout import slide_paths
+from nucleiflow.pipeline.outputs.overlays import OVERLAY_NAME, save_png, slide_overlay
 
-OVERLAY_NAME = "nuclei_overlay.png"
-OUTLINE = (0, 230, 0)  # green: stands out on haematoxylin purple and eosin pink alike
+STATUSES = ("done", "skipped", "busy", "failed")  # a slide's status in a batch report
 SUMMARY_COLUMNS = ("slide_id", "nuclei", "tissue_mm2", "nuclei_per_mm2",
                    "median_area_um2", "p10_area_um2", "p90_area_um2")
 PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
            (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
 
 
-# -- overlay ------------------------------------------------------------------------------
-def overlay_mpp(width_um: float, height_um: float, max_px: int = 2048, min_mpp: float = 0.5) -> float:
-    """um/px of an overlay: ``min_mpp`` (outlines of 5-10 um nuclei clear) unless the
-    longest side would exceed ``max_px``. Sizes in um."""
-    return max(min_mpp, max(width_um, height_um) / max_px)
-
-
-def draw_outlines(img: Image.Image, rings: Iterable[np.ndarray], colour=OUTLINE) -> int:
-    """Draw closed outlines on ``img`` in place; each ring is (n, 2) float (x, y) in image
-    px. A ring smaller than a pixel becomes one pixel. Returns the number drawn."""
-    draw = ImageDraw.Draw(img)
-    n = 0
-    for ring in rings:
-        xy = np.rint(ring).astype(np.int64)
-        if len(xy) and (np.ptp(xy[:, 0]) == 0 and np.ptp(xy[:, 1]) == 0):
-            draw.point(tuple(xy[0]), fill=colour)
-        elif len(xy) >= 2:
-            draw.line([tuple(p) for p in xy] + [tuple(xy[0])], fill=colour, width=1)
-        n += 1
-    return n
-
-
-def parquet_rings(parquet: str | os.PathLike, scale: float, batch_rows: int = 50_000) -> Iterator[np.ndarray]:
-    """Exterior rings of the table's polygons, level-0 px times ``scale``, one (n, 2)
-    array per nucleus; streamed ``batch_rows`` at a time (memory flat in slide size)."""
-    f = pq.ParquetFile(parquet)
-    for batch in f.iter_batches(batch_size=batch_rows, columns=["geometry"]):
-        geoms = shapely.from_wkb(batch.column(0).to_numpy(zero_copy_only=False))
-        coords, index = shapely.get_coordinates(shapely.get_exterior_ring(geoms), return_index=True)
-        if not len(index):
-            continue
-        cuts = np.flatnonzero(np.diff(index)) + 1
-        yield from np.split(coords * scale, cuts)
-
-
-def nuclei_overlay(reader: SlideReader, parquet: str | os.PathLike, path: str | os.PathLike,
-                   *, max_px: int = 2048, min_mpp: float = 0.5) -> Path:
-    """Thumbnail of the slide with each nucleus of ``parquet`` outlined -> PNG at ``path``.
-
-    The PNG is at ``overlay_mpp`` um/px; level-0 px (the table's coordinates) map to PNG
-    px by ``mpp_x / png_mpp``.
-    """
-    info = reader.info
-    mpp = overlay_mpp(info.width * info.mpp_x, info.height * info.mpp_y, max_px, min_mpp)
-    img = Image.fromarray(reader.thumbnail(mpp))
-    draw_outlines(img, parquet_rings(parquet, info.mpp_x / mpp))
-    return _save_png(img, Path(path))
-
-
-def slide_overlay(out: str | os.PathLike, slide_id: str, **kw) -> Path:
-    """Overlay of a finished slide in ``out``, reopening it as its run.json says."""
-    paths = slide_paths(out, slide_id)
-    rec = json.loads(paths["run_json"].read_text())
-    slide = rec.get("slide") or {}
-    mpp = slide.get("mpp_x") if slide.get("mpp_source") == "override" else None
-    with open_slide(rec["path"], mpp=mpp) as reader:
-        return nuclei_overlay(reader, paths["parquet"], paths["run_json"].parent / OVERLAY_NAME, **kw)
-
-
-def _save_png(img: Image.Image, path: Path) -> Path:
-    with atomic_write(path, durable=False) as tmp:
-        img.save(tmp, format="PNG")
-    return path
+# -- batch table ----------------------------------------------------------------------------
+def format_report(report: dict) -> list[str]:
+    """The batch table: slide, status, nuclei, tissue mm2, time, reason (a line per slide),
+    then the counts and the report's path."""
+    lines = [f"{'slide':<32} {'status':<8} {'nuclei':>8} {'tissue mm2':>10} {'time s':>8}  reason"]
+    for r in report["slides"]:
+        nuclei = "-" if r.get("nuclei") is None else str(r["nuclei"])
+        tissue = "-" if r.get("tissue_mm2") is None else f"{r['tissue_mm2']:.2f}"
+        secs = "-" if r.get("seconds") is None else f"{r['seconds']:.1f}"
+        lines.append(f"{r['slide_id']:<32} {r['status']:<8} {nuclei:>8} {tissue:>10} {secs:>8}  {r.get('reason') or ''}")
+    lines.append(", ".join(f"{report[s]} {s}" for s in STATUSES) + f"; report: {report.get('report') or 'NOT WRITTEN'}")
+    return lines
 
 
 # -- batch summary --------------------------------------------------------------------------
-def done_records(out: str | os.PathLike) -> list[dict]:
-    """run.json of every finished slide in ``out``, by slide id."""
+def done_records(out: str | os.PathLike, log: Callable[[str], None] | None = None) -> list[dict]:
+    """run.json of every finished slide in ``out``, by slide id. An unreadable run.json is
+    reported through ``log`` (else a warning): its slide is missing from the summary."""
     recs = []
     for p in sorted(Path(out).glob("*/run.json")):
         try:
             rec = json.loads(p.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError) as e:
+            msg = f"{p}: unreadable run.json ({e}); {p.parent.name} left out of summary.csv"
+            log(msg) if log is not None else warnings.warn(msg, stacklevel=2)
             continue
         if rec.get("status") == "done" and rec.get("slide_id") == p.parent.name:
             recs.append(rec)
@@ -135,7 +86,7 @@ def write_summary(out: str | os.PathLike, overlays: bool = True, log=None) -> tu
     run.json (a run killed between the two). Returns (csv path, png path)."""
     out = Path(out)
     rows, areas = [], {}
-    for rec in done_records(out):
+    for rec in done_records(out, log):
         sid = rec["slide_id"]
         paths = slide_paths(out, sid)
         if not paths["parquet"].is_file():
@@ -157,7 +108,7 @@ def write_summary(out: str | os.PathLike, overlays: bool = True, log=None) -> tu
         w.writeheader()
         for r in rows:
             w.writerow({k: _fmt(v) for k, v in r.items()})
-    png_path = _save_png(area_plot(areas), out / "summary.png")
+    png_path = save_png(area_plot(areas), out / "summary.png")
     return csv_path, png_path
 
 

@@ -28,7 +28,7 @@ from nucleiflow.pipeline.batch.claims import Claim, SlideBusy, acquire
 from nucleiflow.pipeline.batch.cleanup import clean_partial, tidy_done, unpublish
 from nucleiflow.pipeline.batch.guard import check_same_slide, count_files, damage, read_record
 from nucleiflow.pipeline.batch.manifest import SlideJob
-from nucleiflow.pipeline.batch.report import OVERLAY_NAME, nuclei_overlay
+from nucleiflow.pipeline.outputs.overlays import OVERLAY_NAME, nuclei_overlay
 from nucleiflow.pipeline.config import SegmentConfig
 from nucleiflow.pipeline.infer.predictor import Predictor
 from nucleiflow.pipeline.infer.segment_reader import SegmentStats, segment_reader
@@ -36,7 +36,8 @@ from nucleiflow.pipeline.infer.workers import empty_tile_table
 from nucleiflow.pipeline.outputs.atomic import write_json_atomic
 from nucleiflow.pipeline.outputs.layout import SlideOutputs, slide_paths
 from nucleiflow.pipeline.slide.reader import SlideReader, open_slide
-from nucleiflow.pipeline.slide.tissue import TissueMask, detect_tissue, overlay_png
+from nucleiflow.pipeline.outputs.overlays import overlay_png
+from nucleiflow.pipeline.slide.tissue import TissueMask, detect_tissue
 from nucleiflow.pipeline.tiles.plan import TilePlan, plan_slide
 
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from nucleiflow.pipeline.infer.predictor import Predictor
 from nucleiflow.pipeline.infer.stream import StageTimer, stream_tiles
+from nucleiflow.pipeline.postprocess.labels import resample_nearest
 from nucleiflow.pipeline.slide.reader import SlideReader
 from nucleiflow.pipeline.tiles.stitch import LabelStitcher, MemoryMerger, Merger
 from nucleiflow.pipeline.tiles.plan import TilePlan, plan_tiles
@@ -69,10 +70,3 @@ def segment_array(
     merger = MemoryMerger(plan.height, plan.width)
     segment_reader(reader, plan, predictor, merger, batch_size=batch_size)
     return resample_nearest(merger.labels, info.height, info.width, plan.scale)
-
-
-def resample_nearest(labels: np.ndarray, height: int, width: int, scale: float) -> np.ndarray:
-    """Labels at model px -> (height, width) level-0 px; ``scale`` = level-0 px per model px."""
-    rows = np.minimum(((np.arange(height) + 0.5) / scale).astype(np.int64), labels.shape[0] - 1)
-    cols = np.minimum(((np.arange(width) + 0.5) / scale).astype(np.int64), labels.shape[1] - 1)
-    return labels[rows[:, None], cols[None, :]]

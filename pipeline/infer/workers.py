@@ -15,9 +15,9 @@ from nucleiflow.pipeline.slide.reader import SlideReader
 from nucleiflow.pipeline.slide.stain import StainReference, normalise
 from nucleiflow.pipeline.tiles.plan import Tile, TilePlan
 from nucleiflow.pipeline.config import PostprocessConfig
-from nucleiflow.pipeline.postprocess.morphometry import empty_table, nuclei_table, touches_border
+from nucleiflow.pipeline.postprocess.morphometry import empty_table, nuclei_table
 from nucleiflow.pipeline.postprocess.watershed import postprocess as run_postprocess
-from nucleiflow.pipeline.tiles.ownership import TileNuclei, own_tile
+from nucleiflow.pipeline.tiles.ownership import TileNuclei, own_tile, touches_border
 
 def empty_tile_table(classes: bool = False) -> dict:
     """A no-row table with exactly the columns ``process_tile`` gives (for a slide with no

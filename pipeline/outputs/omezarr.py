@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ import numcodecs
 import numpy as np
 import zarr
 
-from nucleiflow.pipeline.outputs.atomic import publish, temp_path
+from nucleiflow.pipeline.outputs.atomic import discard, publish, temp_path
 
 _KEYS = {"name": "v2", "separator": "/"}
 
@@ -201,7 +200,7 @@ class OmeZarrWriter:
     def abort(self) -> None:
         """Remove the temp store; the final name is never touched."""
         self._done = True
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        discard(self.tmp)
 
 
 def _to_int32(labels: np.ndarray) -> np.ndarray:

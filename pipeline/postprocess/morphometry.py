@@ -1,6 +1,6 @@
-"""Instance labels -> one polygon and a row of morphometrics per nucleus; tile ownership.
+"""Instance labels -> one polygon and a row of morphometrics per nucleus.
 
-Conventions (shared with ``tiling`` and the writers):
+Conventions (shared with `tiles.plan` and the writers in `outputs`):
 
 * Pixel ``(row, col)`` of an array covers the unit square ``[col, col+1) x [row, row+1)``,
   so its centre is ``(col + 0.5, row + 0.5)``. An array whose origin is model pixel
@@ -8,19 +8,20 @@ Conventions (shared with ``tiling`` and the writers):
   and to level-0 point ``scale *`` that (``scale`` = level-0 px per model px).
 * Output geometry and centroids are in level-0 pixels, x right, y down. Sizes are given in
   um as well, measured on the model-pixel labels with ``mpp = mpp0 * scale`` (model um/px).
-* The centroid of a nucleus is the mean of its pixel centres. ``ownership`` keeps a nucleus
-  iff that centroid lies in the half-open core box, using exact integer arithmetic, so two
-  tiles that see the same whole nucleus always agree on its single owner.
+* The centroid of a nucleus is the mean of its pixel centres (``moments``; the tile
+  ownership rule in `tiles.ownership` decides on the same sums).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import shapely
 from scipy import ndimage as ndi
 from skimage import measure
+
+from nucleiflow.pipeline.postprocess.labels import nucleus_ids
 
 #: Columns of every nuclei table, in order, with their numpy dtypes (geometry: shapely objects).
 COLUMNS: dict[str, str] = {
@@ -47,17 +48,17 @@ OPTIONAL_COLUMNS: dict[str, str] = {
 }
 
 Table = dict[str, np.ndarray]
-BoxLike = Any  # tiling.Box or a tuple (x0, y0, x1, y1)
+BoxLike = Any  # tiles.plan.Box or a tuple (x0, y0, x1, y1)
 
 
-def _box(core: BoxLike) -> tuple[int, int, int, int]:
+def box_coords(core: BoxLike) -> tuple[int, int, int, int]:
     if hasattr(core, "x0"):
         return core.x0, core.y0, core.x1, core.y1
     x0, y0, x1, y1 = core
     return int(x0), int(y0), int(x1), int(y1)
 
 
-def _moments(labels: np.ndarray, second: bool = False) -> tuple[np.ndarray, ...]:
+def moments(labels: np.ndarray, second: bool = False) -> tuple[np.ndarray, ...]:
     """Present labels (> 0), their pixel counts and raw moment sums, all int64.
 
     Returns ``(present, n, sx, sy)``, plus ``(sxx, syy, sxy)`` when ``second``; x = column
@@ -81,62 +82,6 @@ def _moments(labels: np.ndarray, second: bool = False) -> tuple[np.ndarray, ...]
     return tuple(out)
 
 
-def ownership(labels: np.ndarray, core_in_array: BoxLike) -> np.ndarray:
-    """Labels whose centroid lies in ``core_in_array``.
-
-    Args:
-        labels: (H, W) non-negative int instance labels, 0 = background.
-        core_in_array: half-open box ``(x0, y0, x1, y1)`` (or a ``tiling.Box``) in the
-            array's own pixel coordinates (pixel ``(r, c)`` spans ``[c, c+1) x [r, r+1)``).
-
-    Returns:
-        Sorted int64 array of kept label values. The centroid is the mean of pixel centres,
-        ``(mean(c) + 0.5, mean(r) + 0.5)``; the test ``x0 <= cx < x1`` is done in integers
-        (``2*x0*n <= 2*sum(c) + n < 2*x1*n``), so it does not depend on the array's offset.
-
-    >>> lab = np.zeros((4, 6), np.int32); lab[1:3, 2:4] = 1; lab[1:3, 4:6] = 2
-    >>> ownership(lab, (0, 0, 4, 4)).tolist()   # centroid x: 3.0 and 5.0
-    [1]
-    """
-    labels = np.asarray(labels)
-    x0, y0, x1, y1 = _box(core_in_array)
-    present, n, sx, sy = _moments(labels)
-    tx, ty = 2 * sx + n, 2 * sy + n  # 2 * n * centroid
-    keep = (2 * x0 * n <= tx) & (tx < 2 * x1 * n) & (2 * y0 * n <= ty) & (ty < 2 * y1 * n)
-    return present[keep].astype(np.int64)
-
-
-def touches_border(labels: np.ndarray) -> np.ndarray:
-    """Sorted labels (> 0) with at least one pixel on the outer edge of ``labels`` (H, W)."""
-    labels = np.asarray(labels)
-    edge = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
-    u = np.unique(edge)
-    return u[u > 0].astype(np.int64)
-
-
-def nucleus_ids(kept: np.ndarray, ids: int | Mapping[int, int]) -> np.ndarray:
-    """int64 nucleus ids for the sorted label values ``kept``: ``start + rank`` or a lookup."""
-    kept = np.asarray(kept, dtype=np.int64)
-    if isinstance(ids, Mapping):
-        return np.array([ids[int(k)] for k in kept], dtype=np.int64)
-    return np.arange(int(ids), int(ids) + len(kept), dtype=np.int64)
-
-
-def relabel(labels: np.ndarray, kept: np.ndarray, ids: int | Mapping[int, int]) -> np.ndarray:
-    """(H, W) int32 copy of ``labels`` with ``kept[i]`` -> its nucleus id, every other label -> 0.
-
-    ``ids`` follows the same rule as in ``nuclei_table``, so raster and table agree.
-    """
-    labels = np.asarray(labels)
-    kept = np.asarray(kept, dtype=np.int64)
-    lut = np.zeros(int(max(labels.max(initial=0), kept.max(initial=0))) + 1, dtype=np.int32)
-    new = nucleus_ids(kept, ids)
-    if new.size and new.max() > np.iinfo(np.int32).max:
-        raise OverflowError("nucleus ids exceed int32, the label raster's dtype")
-    lut[kept] = new
-    return lut[labels]
-
-
 def empty_table(*, classes: bool = False, border: bool = False) -> Table:
     """A table with no rows and the columns ``nuclei_table`` returns for the same options."""
     cols = dict(COLUMNS)
@@ -147,16 +92,8 @@ def empty_table(*, classes: bool = False, border: bool = False) -> Table:
     return {k: np.empty(0, dtype=dt) for k, dt in cols.items()}
 
 
-def _select(present: np.ndarray, keep: Any) -> np.ndarray:
-    if keep is None:
-        return present
-    if callable(keep):
-        return present[np.asarray(keep(present), dtype=bool)]
-    keep = np.asarray(keep)
-    if keep.dtype == bool:  # a lookup table indexed by label value
-        inside = present < len(keep)
-        return present[inside][keep[present[inside]]]
-    return present[np.isin(present, keep)]
+def _select(present: np.ndarray, keep: Iterable[int] | None) -> np.ndarray:
+    return present if keep is None else present[np.isin(present, np.asarray(list(keep), dtype=np.int64))]
 
 
 def _ring_area(ring: np.ndarray) -> float:
@@ -217,7 +154,7 @@ def nuclei_table(
     offset: tuple[float, float] = (0, 0),
     scale: float = 1.0,
     ids: int | Mapping[int, int] = 1,
-    keep: Iterable[int] | np.ndarray | Callable[[np.ndarray], np.ndarray] | None = None,
+    keep: Iterable[int] | None = None,
     type_prob: np.ndarray | None = None,
     class_names: Sequence[str] | None = None,
     border_labels: Iterable[int] | None = None,
@@ -233,8 +170,7 @@ def nuclei_table(
         offset: model-pixel ``(x0, y0)`` of the array's origin in the slide.
         ids: nucleus ids: a start (kept labels, ascending, get ``start, start+1, ...``) or a
             mapping label -> id. ``relabel`` applies the same rule to the raster.
-        keep: labels to keep: None (all), label values, a bool lookup indexed by label, or a
-            predicate on the array of present labels (e.g. ``ownership``'s result).
+        keep: label values to keep (e.g. `tiles.ownership.ownership`'s result), None: all.
         type_prob: (k, H, W) class probabilities; adds ``class_id`` (argmax of the per-nucleus
             mean) and ``class_name`` (from ``class_names``, else ``str(class_id)``).
         border_labels: labels touching the read box's outer edge (``touches_border``); adds
@@ -261,7 +197,7 @@ def nuclei_table(
         if arr is not None and np.shape(arr)[-2:] != labels.shape:
             raise ValueError(f"{name} shape {np.shape(arr)} does not match labels {labels.shape}")
     classes, border = type_prob is not None, border_labels is not None
-    present, *sums = _moments(labels, second=True)
+    present, *sums = moments(labels, second=True)
     kept = _select(present, keep)
     if len(kept) == 0:
         return empty_table(classes=classes, border=border)
@@ -271,19 +207,7 @@ def nuclei_table(
 
     mpp = mpp0 * scale
     ox, oy = offset
-    slices = ndi.find_objects(labels)
-    polys = np.empty(len(kept), dtype=object)
-    perim = np.empty(len(kept))
-    for i, lab in enumerate(kept):
-        sl = slices[lab - 1]
-        mask = labels[sl] == lab
-        polys[i] = _mask_polygon(mask, (ox + sl[1].start, oy + sl[0].start))
-        perim[i] = measure.perimeter(mask)  # skimage's regionprops perimeter (4-neighbourhood)
-
-    raw = _clean(polys)
-    hull = shapely.area(shapely.convex_hull(raw))
-    solidity = np.divide(shapely.area(raw), hull, out=np.ones(len(kept)), where=hull > 0)
-    geoms = shapely.transform(_clean(raw, simplify), lambda xy: xy * scale)
+    geoms, perim, solidity = _outlines(labels, kept, offset, scale, simplify)
 
     table: Table = {
         "nucleus_id": nucleus_ids(kept, ids),
@@ -305,11 +229,29 @@ def nuclei_table(
         means = np.stack([_region_means(labels, p, kept, n) for p in type_prob])
         cid = means.argmax(axis=0).astype(np.int32)
         names = list(class_names) if class_names is not None else [str(i) for i in range(len(type_prob))]
-        table["class_id"] = cid
-        table["class_name"] = np.array([names[i] for i in cid], dtype=object)
+        table.update(class_id=cid, class_name=np.array([names[i] for i in cid], dtype=object))
     if border:
         table["touches_halo_edge"] = np.isin(kept, np.fromiter(border_labels, dtype=np.int64))
     return table
+
+
+def _outlines(labels: np.ndarray, kept: np.ndarray, offset: tuple[float, float], scale: float,
+              simplify: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per kept label: level-0 polygon (simplified), perimeter in model px (skimage's
+    regionprops perimeter, 4-neighbourhood) and solidity (of the unsimplified outline)."""
+    ox, oy = offset
+    slices = ndi.find_objects(labels)
+    polys = np.empty(len(kept), dtype=object)
+    perim = np.empty(len(kept))
+    for i, lab in enumerate(kept):
+        sl = slices[lab - 1]
+        mask = labels[sl] == lab
+        polys[i] = _mask_polygon(mask, (ox + sl[1].start, oy + sl[0].start))
+        perim[i] = measure.perimeter(mask)
+    raw = _clean(polys)
+    hull = shapely.area(shapely.convex_hull(raw))
+    solidity = np.divide(shapely.area(raw), hull, out=np.ones(len(kept)), where=hull > 0)
+    return shapely.transform(_clean(raw, simplify), lambda xy: xy * scale), perim, solidity
 
 
 def _shape(

@@ -28,58 +28,18 @@ from skimage.feature import peak_local_max
 from skimage.morphology import disk
 from skimage.segmentation import watershed
 
+from nucleiflow.pipeline.postprocess.labels import relabel_consecutive, remove_small
+
 __all__ = [
     "METHODS",
     "distance_watershed",
     "hv_watershed",
     "marker_watershed",
     "postprocess",
-    "relabel_consecutive",
-    "remove_small",
 ]
 
 # 8-connectivity: a nucleus touching another only at a corner is still one blob.
 _CONN8 = np.ones((3, 3), bool)
-
-
-def relabel_consecutive(labels: np.ndarray) -> np.ndarray:
-    """Renumber the ids of ``labels`` (H, W) non-negative ints to 1..N, keeping their order.
-
-    Returns int32 (H, W); 0 stays background.
-    """
-    labels = np.asarray(labels)
-    if labels.size == 0:
-        return labels.astype(np.int32)
-    flat = labels.ravel()
-    hi = int(flat.max())
-    if int(flat.min()) < 0:
-        raise ValueError("labels must be non-negative")
-    if hi <= 4 * flat.size + 1024:
-        # A lookup table over the id range avoids sorting every pixel.
-        present = np.bincount(flat.astype(np.intp, copy=False), minlength=hi + 1) > 0
-        present[0] = False
-        lut = np.zeros(hi + 1, np.int32)
-        lut[present] = np.arange(1, int(present.sum()) + 1, dtype=np.int32)
-        return lut[flat].reshape(labels.shape)
-    ids, inverse = np.unique(flat, return_inverse=True)
-    out = inverse.astype(np.int32) + (0 if ids[0] == 0 else 1)
-    return out.reshape(labels.shape)
-
-
-def remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
-    """Zero every object of ``labels`` (H, W) non-negative ints with fewer than ``min_size`` px.
-
-    Ids of the objects kept are unchanged. Returns int32 (H, W).
-    """
-    labels = np.asarray(labels).astype(np.int32, copy=True)
-    if min_size <= 1 or labels.size == 0:
-        return labels
-    area = np.bincount(labels.ravel())
-    small = area < min_size
-    small[0] = False
-    if small.any():
-        labels[small[labels]] = 0
-    return labels
 
 
 def _foreground(prob: np.ndarray, threshold: float, min_size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -7,19 +7,15 @@ um and um^2 so the result does not depend on the mpp.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageDraw
 from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 
 if TYPE_CHECKING:
     from nucleiflow.pipeline.slide.reader import SlideReader
-    from nucleiflow.pipeline.tiles.plan import TilePlan
 
 # Saturation threshold bounds. Glass (JPEG noise, a slight colour cast) sits near 0.01-0.03
 # and H&E tissue near 0.2-0.6 at 8 um/px: the floor keeps a glass-only slide from being split
@@ -154,30 +150,3 @@ def colour_warning(rgb: np.ndarray) -> str | None:
         return None
     return ("the slide is greyscale (no colour in its content): tissue and nuclei are found by their H&E "
             "stain, so nothing is segmented; scan it in colour or check it is an H&E slide")
-
-
-def overlay_png(reader: SlideReader, tissue: TissueMask, plan: TilePlan | None,
-                path: str | Path, mpp: float | None = None) -> Path:
-    """Write a thumbnail PNG with tissue tinted green and planned tile cores outlined blue.
-
-    ``mpp`` is the PNG's um/px (default: the mask's); ``plan`` cores are in model px, and
-    ``plan.scale`` level-0 px per model px. Returns the path written.
-    """
-    mpp = mpp or tissue.mpp
-    rgb = reader.thumbnail(mpp)
-    h, w = rgb.shape[:2]
-    mask = np.array(Image.fromarray(tissue.mask).resize((w, h), Image.Resampling.NEAREST))
-    tinted = rgb.astype(np.float32)
-    tinted[mask] = 0.6 * tinted[mask] + 0.4 * np.array([0, 200, 0], np.float32)
-    img = Image.fromarray(tinted.round().astype(np.uint8))
-    if plan is not None:
-        f = plan.scale * reader.info.mpp_x / mpp  # PNG px per model px
-        draw = ImageDraw.Draw(img)
-        for t in plan:
-            c = t.core
-            draw.rectangle([math.floor(c.x0 * f), math.floor(c.y0 * f),
-                            math.ceil(c.x1 * f) - 1, math.ceil(c.y1 * f) - 1], outline=(0, 60, 255))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from nucleiflow.pipeline.postprocess.morphometry import ownership, relabel, touches_border
+from nucleiflow.pipeline.postprocess.labels import relabel
+from nucleiflow.pipeline.postprocess.morphometry import BoxLike, box_coords, moments
 from nucleiflow.pipeline.tiles.plan import Box, Tile, TilePlan
 
 
@@ -45,10 +46,43 @@ class TileNuclei:
     extra: dict = field(default_factory=dict)
 
 
+def ownership(labels: np.ndarray, core_in_array: BoxLike) -> np.ndarray:
+    """Labels whose centroid lies in ``core_in_array``.
+
+    Args:
+        labels: (H, W) non-negative int instance labels, 0 = background.
+        core_in_array: half-open box ``(x0, y0, x1, y1)`` (or a `plan.Box`) in the
+            array's own pixel coordinates (pixel ``(r, c)`` spans ``[c, c+1) x [r, r+1)``).
+
+    Returns:
+        Sorted int64 array of kept label values. The centroid is the mean of pixel centres,
+        ``(mean(c) + 0.5, mean(r) + 0.5)``; the test ``x0 <= cx < x1`` is done in integers
+        (``2*x0*n <= 2*sum(c) + n < 2*x1*n``), so it does not depend on the array's offset.
+
+    >>> lab = np.zeros((4, 6), np.int32); lab[1:3, 2:4] = 1; lab[1:3, 4:6] = 2
+    >>> ownership(lab, (0, 0, 4, 4)).tolist()   # centroid x: 3.0 and 5.0
+    [1]
+    """
+    labels = np.asarray(labels)
+    x0, y0, x1, y1 = box_coords(core_in_array)
+    present, n, sx, sy = moments(labels)
+    tx, ty = 2 * sx + n, 2 * sy + n  # 2 * n * centroid
+    keep = (2 * x0 * n <= tx) & (tx < 2 * x1 * n) & (2 * y0 * n <= ty) & (ty < 2 * y1 * n)
+    return present[keep].astype(np.int64)
+
+
+def touches_border(labels: np.ndarray) -> np.ndarray:
+    """Sorted labels (> 0) with at least one pixel on the outer edge of ``labels`` (H, W)."""
+    labels = np.asarray(labels)
+    edge = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+    u = np.unique(edge)
+    return u[u > 0].astype(np.int64)
+
+
 def owned_labels(labels: np.ndarray, core: Box) -> np.ndarray:
     """Keep the instances whose centroid lies in ``core`` (window px), relabelled 1..n.
 
-    The rule is `polygons.ownership` (mean pixel centre in the half-open core, decided in
+    The rule is `ownership` (mean pixel centre in the half-open core, decided in
     exact integers), so exactly one of two abutting cores owns each nucleus. Returns int32
     (H, W); instances are numbered in order of their original label.
     """

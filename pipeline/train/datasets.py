@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from skimage.segmentation import relabel_sequential
 
+from nucleiflow.pipeline.postprocess.labels import resample_nearest
 from nucleiflow.pipeline.slide import stain
 from nucleiflow.pipeline.train.targets import dihedral, dihedral_targets, make_targets
 
@@ -63,22 +64,26 @@ def read_splits(root: str | Path) -> list[ImageRecord]:
 def resample_labels(inst: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Nearest-neighbour resampling of (H, W) labels to ``shape`` by pixel centres; instances
     that vanish are dropped and ids relabelled 1..N. Returns int32."""
-    h, w = inst.shape
-    rows = np.minimum(((np.arange(shape[0]) + 0.5) * h / shape[0]).astype(int), h - 1)
-    cols = np.minimum(((np.arange(shape[1]) + 0.5) * w / shape[1]).astype(int), w - 1)
-    out = inst[rows[:, None], cols[None, :]].astype(np.int32)
+    out = resample_nearest(inst, shape[0], shape[1]).astype(np.int32)
     return relabel_sequential(out)[0].astype(np.int32)
+
+
+def read_pair(record: ImageRecord) -> tuple[np.ndarray, np.ndarray]:
+    """(rgb (H, W, 3) uint8, labels (H, W) int32) of a record at its own mpp; ValueError
+    when the two PNGs differ in size. The one image + label loader (training, tuning,
+    evaluation)."""
+    with Image.open(record.image_path) as im, Image.open(record.label_path) as lab:
+        rgb, inst = np.array(im.convert("RGB")), np.array(lab).astype(np.int32)
+    if inst.shape != rgb.shape[:2]:
+        raise ValueError(f"{record.label_path}: labels {inst.shape} do not match image {rgb.shape[:2]}")
+    return rgb, inst
 
 
 def load_image(record: ImageRecord, mpp: float) -> tuple[np.ndarray, np.ndarray]:
     """(rgb (H, W, 3) uint8, inst (H, W) int32) of a record, resampled from ``record.mpp``
     to ``mpp`` um/px (image: Lanczos, antialiased; labels: nearest, ids 1..N)."""
-    with Image.open(record.image_path) as im:
-        img = im.convert("RGB")
-    with Image.open(record.label_path) as lab:
-        inst = np.array(lab)
-    if inst.shape != (img.height, img.width):
-        raise ValueError(f"{record.label_path}: labels {inst.shape} do not match image {(img.height, img.width)}")
+    rgb, inst = read_pair(record)
+    img = Image.fromarray(rgb)
     scale = record.mpp / mpp
     size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
     if size != img.size:

@@ -10,9 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from nucleiflow.pipeline.train.datasets import read_splits
+from nucleiflow.pipeline.train.datasets import read_pair, read_splits
 from nucleiflow.pipeline.infer.predictor import Predictor
 from nucleiflow.pipeline.train.metrics import score_instances
 from nucleiflow.pipeline.infer.segment_reader import segment_array
@@ -45,10 +44,7 @@ def evaluate(
                          "evaluate needs images/<name>.png and labels/<name>.png (instance labels) per image")
     rows = []
     for rec in records:
-        with Image.open(rec.image_path) as im, Image.open(rec.label_path) as lab:
-            rgb, truth = np.array(im.convert("RGB")), np.array(lab).astype(np.int32)
-        if truth.shape != rgb.shape[:2]:
-            raise ValueError(f"{rec.label_path}: labels {truth.shape} do not match image {rgb.shape[:2]}")
+        rgb, truth = read_pair(rec)
         slide = ArraySlide(rgb, mpp=rec.mpp, name=rec.name)
         pred = segment_array(slide, predictor, tile_size=tile_size, halo=halo)
         scores = score_instances(truth, pred)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from nucleiflow.pipeline.postprocess.labels import relabel_consecutive
+
 __all__ = [
     "aji",
     "detection_scores",
@@ -36,27 +38,9 @@ def _check_pair(gt: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 
 def _compact(labels: np.ndarray) -> tuple[np.ndarray, int]:
-    """Map ids to 0..n (0 stays background); returns (int64 labels of the same shape, n)."""
-    flat = labels.ravel()
-    if flat.dtype == bool:
-        flat = flat.view(np.uint8)
-    if flat.size == 0:
-        return np.zeros(labels.shape, np.int64), 0
-    lo, hi = int(flat.min()), int(flat.max())
-    if lo < 0:
-        raise ValueError("labels must be non-negative")
-    if hi <= 4 * flat.size + 1024:
-        # A lookup table over the id range avoids sorting every pixel.
-        flat = flat.astype(np.intp, copy=False)
-        present = np.bincount(flat, minlength=hi + 1).astype(bool)
-        present[0] = False
-        lut = np.zeros(hi + 1, np.int64)
-        lut[present] = np.arange(1, int(present.sum()) + 1)
-        return lut[flat].reshape(labels.shape), int(present.sum())
-    ids, inverse = np.unique(flat, return_inverse=True)
-    if ids[0] != 0:  # no background pixel: shift so that 0 stays reserved for background
-        inverse = inverse + 1
-    return inverse.reshape(labels.shape).astype(np.int64), int((ids > 0).sum())
+    """Ids -> 1..n (0 stays background): (int64 labels of the same shape, n)."""
+    out = relabel_consecutive(labels, np.int64)
+    return out, int(out.max(initial=0))
 
 
 @dataclass(frozen=True)

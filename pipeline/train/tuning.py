@@ -10,13 +10,12 @@ import itertools
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image
 
-from nucleiflow.pipeline.train.datasets import read_splits
+from nucleiflow.pipeline.train.datasets import read_pair, read_splits
 from nucleiflow.pipeline.infer.predictor import Predictor
 from nucleiflow.pipeline.train.metrics import aji
 from nucleiflow.pipeline.postprocess.watershed import postprocess
-from nucleiflow.pipeline.infer.segment_reader import resample_nearest
+from nucleiflow.pipeline.postprocess.labels import resample_nearest
 from nucleiflow.pipeline.slide.reader import ArraySlide
 from nucleiflow.pipeline.tiles.plan import plan_tiles
 
@@ -49,8 +48,7 @@ def tune_postprocess(predictor: Predictor, root: str, names: Sequence[str], base
         rec = records[name]
         if rec.split != "train":
             raise ValueError(f"{name}: thresholds are tuned on validation images carved from train only")
-        rgb = np.array(Image.open(rec.image_path).convert("RGB"))
-        truth = np.array(Image.open(rec.label_path)).astype(np.int32)
+        rgb, truth = read_pair(rec)
         cached.append((_maps(predictor, rgb, rec.mpp), truth))
     best, best_score = dict(base), -1.0
     for values in itertools.product(*grid.values()):

@@ -2,10 +2,15 @@
 the teacher's soft outputs over unlabelled tiles as well as on annotated ones)."""
 from __future__ import annotations
 
+import logging
+
 import numpy as np
+
 from nucleiflow.pipeline.train.datasets import UnlabelledTiles
 from nucleiflow.pipeline.slide.reader import SlideError, open_slide
 from nucleiflow.pipeline.slide.tissue import detect_tissue
+
+logger = logging.getLogger(__name__)
 
 
 def tissue_tiles(path: str, mpp: float, patch: int, count: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -27,7 +32,7 @@ def tissue_tiles(path: str, mpp: float, patch: int, count: int, rng: np.random.G
 
 def unlabelled_tiles(slides: list[str], mpp: float, patch: int, tiles: int, seed: int = 0) -> UnlabelledTiles:
     """A pool of ``tiles`` unlabelled tissue tiles spread over ``slides`` (slides that cannot
-    be read at ``mpp``, e.g. without mpp metadata, are skipped with a message)."""
+    be read at ``mpp``, e.g. without mpp metadata, are skipped with a logged warning)."""
     rng = np.random.default_rng(seed)
     per = max(1, -(-tiles // max(len(slides), 1)))
     pool: list[np.ndarray] = []
@@ -35,7 +40,7 @@ def unlabelled_tiles(slides: list[str], mpp: float, patch: int, tiles: int, seed
         try:
             pool += tissue_tiles(s, mpp, patch, per, rng)
         except SlideError as e:
-            print(f"unlabelled: skipping {e}")
+            logger.warning(f"unlabelled: skipping {e}")
     if not pool:
         raise ValueError(f"no unlabelled tissue tiles could be cut from {slides}")
     return UnlabelledTiles(pool, patch, rng)

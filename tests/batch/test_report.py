@@ -14,9 +14,8 @@ from slidefiles import write_tiff
 from nucleiflow.pipeline.batch.manifest import expand_slides, read_manifest
 from nucleiflow.pipeline.postprocess.morphometry import nuclei_table
 from nucleiflow.pipeline.slide.reader import ArraySlide
-from nucleiflow.pipeline.batch.report import (
-    area_plot, draw_outlines, nuclei_overlay, overlay_mpp, parquet_rings, slide_row, write_summary,
-)
+from nucleiflow.pipeline.batch.report import area_plot, slide_row, write_summary
+from nucleiflow.pipeline.outputs.overlays import draw_outlines, nuclei_overlay, overlay_mpp, parquet_rings
 from nucleiflow.pipeline.outputs.atomic import write_json_atomic
 from nucleiflow.pipeline.outputs.geoparquet import GeoParquetWriter
 from nucleiflow.pipeline.outputs.layout import slide_paths
@@ -110,6 +109,16 @@ def test_write_summary_reads_every_done_slide_and_draws_missing_overlays(tmp_pat
     assert float(rows[0]["median_area_um2"]) == pytest.approx(np.median(areas), rel=1e-5)
     assert Image.open(png_path).size == (900, 520)
     assert (tmp_path / "a" / "nuclei_overlay.png").is_file() and (tmp_path / "b" / "nuclei_overlay.png").is_file()
+
+
+def test_a_corrupt_run_json_is_reported_not_silently_dropped(tmp_path):
+    tiny_slide_table(tmp_path, "a")
+    (tmp_path / "a").mkdir(exist_ok=True)
+    (tmp_path / "a" / "run.json").write_text('{"slide_id": "a", "status": "do')  # cut short
+    said = []
+    csv_path, _ = write_summary(tmp_path, overlays=False, log=said.append)
+    assert list(csv.DictReader(csv_path.open())) == []
+    assert len(said) == 1 and "a/run.json" in said[0] and "left out of summary.csv" in said[0]
 
 
 def test_area_plot_draws_one_coloured_line_per_slide():

@@ -18,7 +18,7 @@ from nucleiflow.pipeline.train.evaluation import evaluate
 from nucleiflow.pipeline.infer.predictor import Predictor
 from nucleiflow.pipeline.batch.manifest import SlideJob
 from nucleiflow.pipeline.train.metrics import aji
-from nucleiflow.pipeline.infer.segment_reader import resample_nearest
+from nucleiflow.pipeline.postprocess.labels import resample_nearest
 from nucleiflow.pipeline.batch.run_slide import segment_slide
 
 

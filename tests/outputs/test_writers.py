@@ -13,6 +13,7 @@ import zarr
 from skimage import draw
 
 from nucleiflow.pipeline.postprocess import morphometry as P
+from nucleiflow.pipeline.tiles import ownership as O
 from nucleiflow.pipeline.outputs import layout as W
 from nucleiflow.pipeline.outputs.geoparquet import GeoParquetWriter, hilbert_index, spatial_key
 from nucleiflow.pipeline.outputs.omezarr import OmeZarrWriter, downsample, mean2
@@ -48,7 +49,7 @@ def run_slide(merger, lab, prob, plan, meta=None):
         r = t.read
         x0, y0, x1, y1 = max(r.x0, 0), max(r.y0, 0), min(r.x1, plan.width), min(r.y1, plan.height)
         labels, p = lab[y0:y1, x0:x1], prob[y0:y1, x0:x1]
-        kept = P.ownership(labels, (t.core.x0 - x0, t.core.y0 - y0, t.core.x1 - x0, t.core.y1 - y0))
+        kept = O.ownership(labels, (t.core.x0 - x0, t.core.y0 - y0, t.core.x1 - x0, t.core.y1 - y0))
         ids = {int(k): int(lut[k]) for k in kept}
         table = P.nuclei_table(labels, p, mpp0=MPP0, scale=plan.scale, offset=(x0, y0), ids=ids, keep=kept)
         core = np.s_[t.core.y0 : t.core.y1, t.core.x0 : t.core.x1]

@@ -8,12 +8,11 @@ from scipy import ndimage as ndi
 
 from nucleiflow.pipeline.train import metrics
 from nucleiflow.pipeline.postprocess import watershed as postprocess
+from nucleiflow.pipeline.postprocess.labels import relabel_consecutive, remove_small
 from nucleiflow.pipeline.postprocess.watershed import (
     distance_watershed,
     hv_watershed,
     marker_watershed,
-    relabel_consecutive,
-    remove_small,
 )
 
 METHODS = ("hv", "marker", "distance")

@@ -13,7 +13,8 @@ from PIL import Image
 
 from nucleiflow.pipeline.slide.reader import ArraySlide, open_slide
 from nucleiflow.pipeline.tiles.plan import TilePlan, plan_tiles
-from nucleiflow.pipeline.slide.tissue import TissueMask, detect_tissue, overlay_png, tissue_mask
+from nucleiflow.pipeline.outputs.overlays import overlay_png
+from nucleiflow.pipeline.slide.tissue import TissueMask, detect_tissue, tissue_mask
 
 GLASS = (242, 240, 245)
 PINK = (222, 140, 190)  # eosin-rich tissue

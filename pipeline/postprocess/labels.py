@@ -1,0 +1,93 @@
+"""Label-array helpers shared by post-processing, tiling, training data and metrics.
+
+Labels are (H, W) non-negative integer instance ids, 0 = background. ``relabel_consecutive``
+renumbers to 1..N, ``relabel`` maps chosen ids to nucleus ids (the rule the nuclei table
+uses too), ``remove_small`` drops specks, ``resample_nearest`` moves labels between pixel
+grids by pixel centres.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+
+def relabel_consecutive(labels: np.ndarray, dtype: type = np.int32) -> np.ndarray:
+    """Renumber the ids of ``labels`` (H, W) non-negative ints (or bool) to 1..N, keeping
+    their order. Returns ``dtype`` (H, W); 0 stays background; N = its max."""
+    labels = np.asarray(labels)
+    if labels.size == 0:
+        return labels.astype(dtype)
+    flat = labels.ravel()
+    if flat.dtype == bool:
+        flat = flat.view(np.uint8)
+    hi = int(flat.max())
+    if int(flat.min()) < 0:
+        raise ValueError("labels must be non-negative")
+    if hi <= 4 * flat.size + 1024:
+        # A lookup table over the id range avoids sorting every pixel.
+        present = np.bincount(flat.astype(np.intp, copy=False), minlength=hi + 1) > 0
+        present[0] = False
+        lut = np.zeros(hi + 1, dtype)
+        lut[present] = np.arange(1, int(present.sum()) + 1, dtype=dtype)
+        return lut[flat].reshape(labels.shape)
+    ids, inverse = np.unique(flat, return_inverse=True)
+    # No background pixel: shift so that 0 stays reserved for background.
+    out = inverse.astype(dtype) + (0 if ids[0] == 0 else 1)
+    return out.reshape(labels.shape)
+
+
+def remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
+    """Zero every object of ``labels`` (H, W) non-negative ints with fewer than ``min_size`` px.
+
+    Ids of the objects kept are unchanged. Returns int32 (H, W).
+    """
+    labels = np.asarray(labels).astype(np.int32, copy=True)
+    if min_size <= 1 or labels.size == 0:
+        return labels
+    area = np.bincount(labels.ravel())
+    small = area < min_size
+    small[0] = False
+    if small.any():
+        labels[small[labels]] = 0
+    return labels
+
+
+def nucleus_ids(kept: np.ndarray, ids: int | Mapping[int, int]) -> np.ndarray:
+    """int64 nucleus ids for the sorted label values ``kept``: ``start + rank`` or a lookup."""
+    kept = np.asarray(kept, dtype=np.int64)
+    if isinstance(ids, Mapping):
+        return np.array([ids[int(k)] for k in kept], dtype=np.int64)
+    return np.arange(int(ids), int(ids) + len(kept), dtype=np.int64)
+
+
+def relabel(labels: np.ndarray, kept: np.ndarray, ids: int | Mapping[int, int]) -> np.ndarray:
+    """(H, W) int32 copy of ``labels`` with ``kept[i]`` -> its nucleus id, every other label -> 0.
+
+    ``ids`` follows the same rule as in ``nuclei_table``, so raster and table agree.
+    """
+    labels = np.asarray(labels)
+    kept = np.asarray(kept, dtype=np.int64)
+    lut = np.zeros(int(max(labels.max(initial=0), kept.max(initial=0))) + 1, dtype=np.int32)
+    new = nucleus_ids(kept, ids)
+    if new.size and new.max() > np.iinfo(np.int32).max:
+        raise OverflowError("nucleus ids exceed int32, the label raster's dtype")
+    lut[kept] = new
+    return lut[labels]
+
+
+def resample_nearest(labels: np.ndarray, height: int, width: int, scale: float | None = None) -> np.ndarray:
+    """Nearest-neighbour resampling of (h, w) ``labels`` to (height, width) by pixel centres.
+
+    ``scale``: output px per input px (e.g. level-0 px per model px); None: the ratio of
+    the shapes. Values are copied, never renumbered (same dtype).
+    """
+    rows = _nearest_index(height, labels.shape[0], scale)
+    cols = _nearest_index(width, labels.shape[1], scale)
+    return labels[rows[:, None], cols[None, :]]
+
+
+def _nearest_index(n_out: int, n_in: int, scale: float | None) -> np.ndarray:
+    centres = np.arange(n_out) + 0.5
+    src = centres / scale if scale is not None else centres * n_in / n_out
+    return np.minimum(src.astype(np.int64), n_in - 1)
