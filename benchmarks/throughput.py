@@ -178,18 +178,13 @@ def planned_area(slide: str, cfg, card: dict) -> tuple[int, int, int]:
     Re-plans after the measured run (tissue detection is cheap); the tile count is checked
     against run.json by the caller.
     """
-    from scipy import ndimage as ndi
-
     from nucleiflow.pipeline.slide.reader import open_slide
-    from nucleiflow.pipeline.tiles.plan import plan_tiles
     from nucleiflow.pipeline.slide.tissue import detect_tissue
+    from nucleiflow.pipeline.tiles.plan import plan_slide
 
     with open_slide(slide, mpp=cfg.mpp) as reader:
-        info = reader.info
         tissue = detect_tissue(reader, mpp=cfg.tissue_mpp)
-        plan = plan_tiles(info.width, info.height, info.mpp_x, card["mpp"], tile_size=cfg.tile_size,
-                          halo=cfg.halo, tissue=ndi.binary_dilation(tissue.mask, iterations=1),
-                          tissue_mpp=tissue.mpp)
+        plan = plan_slide(reader.info, tissue, card["mpp"], tile_size=cfg.tile_size, halo=cfg.halo)
     return plan.planned_area(), plan.width * plan.height, len(plan)
 
 

@@ -123,13 +123,15 @@ def evaluate(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     tile_size: int = typer.Option(512, help="Tile core edge in model pixels."),
     halo: int = typer.Option(DEFAULT_HALO, help="Context pixels around each core."),
+    tta: int = typer.Option(1, "--tta", min=1, max=8,
+                            help="Test-time augmentation: average the maps of this many flipped/rotated views."),
 ) -> None:
     """Per-image and mean Dice, IoU, AJI, PQ, DQ, SQ, F1 through the slide segmentation path."""
     from nucleiflow.pipeline.infer.predictor import load_predictor
     from nucleiflow.pipeline.train.evaluation import METRICS, evaluate as run_evaluate
 
     try:
-        predictor = load_predictor(model, device=device)
+        predictor = load_predictor(model, device=device, tta=tta)
     except (KeyError, FileNotFoundError, ValueError) as e:  # ValueError: a card that does not validate
         fail(str(e).strip("'\""))
     if not (data / "splits.csv").is_file():
@@ -163,15 +165,28 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print the cards' 
             "trained_on": (card.get("data") or {}).get("root"),
             "held_out": (card.get("metrics") or {}).get("split"),
             **{k: m.get(k) for k in ("dice", "aji", "pq", "f1")},
+            # Every data set's held-out split (cards of multi-data-set training runs).
+            "by_data": {n: r.get("mean", {}) for n, r in ((card.get("metrics") or {}).get("by_data") or {}).items()},
         })
     if as_json:
         typer.echo(json.dumps(rows))
         return
-    typer.echo(f"{'name':<12} {'arch':<10} {'params':>9} {'mpp':>5} {'held-out':<10} {'dice':>6} {'aji':>6} {'pq':>6}")
+    typer.echo(f"{'name':<12} {'arch':<10} {'params':>9} {'mpp':>5} {'held-out':<10} {'dice':>6} {'aji':>6} {'pq':>6}"
+               "  other held-out sets (aji)")
     for r in rows:
         f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        others = " ".join(f"{n} {f(m.get('aji'))}" for n, m in list(r["by_data"].items())[1:])
         typer.echo(f"{r['name']:<12} {r['arch']:<10} {r['parameters'] or 0:>9} {r['mpp']:>5} "
-                   f"{r['held_out'] or '-':<10} {f(r['dice']):>6} {f(r['aji']):>6} {f(r['pq']):>6}")
+                   f"{r['held_out'] or '-':<10} {f(r['dice']):>6} {f(r['aji']):>6} {f(r['pq']):>6}  {others or '-'}")
+
+
+def _short_log_lines() -> None:
+    """One flow run in a terminal: no run names in every line, so lines fit 100 columns.
+    (Prefect's default prefix is ~50 characters; set before Prefect configures logging.)"""
+    fmt = "%(asctime)s %(levelname)-7s %(message)s"
+    for key, value in {"FORMAT": fmt, "FLOW_RUN_FMT": fmt, "DATEFMT": "%H:%M:%S",
+                       "TASK_RUN_FMT": "%(asctime)s %(levelname)-7s %(task_run_name)s - %(message)s"}.items():
+        os.environ.setdefault(f"PREFECT_LOGGING_FORMATTERS_STANDARD_{key}", value)
 
 
 @app.command()
@@ -189,6 +204,8 @@ def segment(
     dask_address: Optional[str] = typer.Option(
         None, "--dask-address", help="Run the slides on this Dask scheduler (e.g. tcp://10.0.0.5:8786)."
     ),
+    tta: int = typer.Option(1, "--tta", min=1, max=8,
+                            help="Test-time augmentation: average the maps of this many flipped/rotated views."),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace results of another slide (or a changed scan) under the same id."
     ),
@@ -201,6 +218,7 @@ def segment(
     """
     if device not in ("auto", "cpu", "cuda"):
         fail(f"--device must be auto, cpu or cuda, not {device!r}")
+    _short_log_lines()
     from nucleiflow.flows.segment import check_model, check_output, format_report, run_batch
     from nucleiflow.pipeline.batch.manifest import expand_slides
 
@@ -217,7 +235,7 @@ def segment(
         report = run_batch(
             slides=slides, out=str(out), model=model, device=device, mpp=mpp, tile_size=tile_size, halo=halo,
             batch_size=batch_size, readers=readers, workers=workers, dask_address=dask_address,
-            overwrite=overwrite,
+            tta=tta, overwrite=overwrite,
         )
     except RuntimeError as e:
         if "ephemeral Prefect API server" not in str(e):

@@ -99,7 +99,7 @@ def deploy_command(
     """Create or update the `segment-slides/NAME` deployment on a process work pool.
 
     Needs a running Prefect server (PREFECT_API_URL) and an existing pool. Then start a
-    worker (prefect worker start --pool POOL --type process) and queue batches with
+    worker (prefect worker start --pool POOL --type process --limit 1) and queue batches with
     prefect deployment run 'segment-slides/NAME' --param slides=... --param out=...
     """
     import httpx
@@ -111,7 +111,7 @@ def deploy_command(
         typer.echo(f"nucleiflow: error: {e}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"deployment '{FLOW_NAME}/{name}' ({deployment_id}) on work pool '{pool}'")
-    typer.echo(f"start a worker:  prefect worker start --pool {pool} --type process")
+    typer.echo(f"start a worker:  prefect worker start --pool {pool} --type process --limit 1")
     typer.echo(f"queue a batch:   prefect deployment run '{FLOW_NAME}/{name}' --param slides=... --param out=...")
 
 

@@ -5,9 +5,10 @@
   Problems that would fail every slide fail the flow at once, before any slide: an unknown
   model, an output folder that cannot be written.
 * A batch with failed slides still finishes: the report is written, the summary drawn,
-  and the flow run ends in a ``Failed`` state named "CompletedWithFailures" whose message
-  names the failed slides (its data is the report). Failed, not Completed: alerts,
-  automations and ``prefect deployment run --watch`` key on the state type.
+  and the flow run ends in a standard ``Failed`` state whose message names the failed
+  slides; its data is a `SlidesFailed` carrying the report (see `failures` for why, and
+  how Prefect's repeats of each reason and its engine traceback are kept out of the logs).
+* The run page shows a table artifact of the batch and a progress artifact per slide.
 * Slides are claimed (``pipeline.batch.claims``): two batches on one output folder share the work
   and report the other's slides as "busy".
 * ``dask_address`` (or ``segment_slides.with_options(task_runner=DaskTaskRunner(...))``)
@@ -43,8 +44,12 @@ from nucleiflow.pipeline.batch.run_slide import segment_slide
 from nucleiflow.pipeline.slide.reader import SlideError
 from nucleiflow.pipeline.batch.report import STATUSES, format_report, write_summary
 from nucleiflow.pipeline.outputs.atomic import write_json_atomic
+from nucleiflow.flows.failures import SlidesFailed, quiet_expected_failures
+from nucleiflow.flows.progress import SlideProgress
 
-MESSAGE_SLIDES = 10  # failed slides named in the flow run's state message (all are in the report)
+TABLE_COLUMNS = ("slide_id", "status", "nuclei", "tissue_mm2", "seconds", "reason")
+# Every process importing the flow (the CLI, a worker's flow-run process, a Dask worker).
+quiet_expected_failures()
 
 
 class OutputNotWritable(OSError):
@@ -52,8 +57,8 @@ class OutputNotWritable(OSError):
 
 
 @lru_cache(maxsize=2)
-def _predictor(model: str, device: str) -> tuple[Predictor, str]:
-    return load_predictor(model, device=device), model_hash(resolve(model))
+def _predictor(model: str, device: str, tta: int = 1) -> tuple[Predictor, str]:
+    return load_predictor(model, device=device, tta=tta), model_hash(resolve(model))
 
 
 def check_model(model: str) -> None:
@@ -114,14 +119,14 @@ def segment_slide_task(job: SlideJob, out: str, cfg: SegmentConfig) -> State:
             # Daemonic processes (Dask's default workers) may not start children: read and
             # post-process in this process. Only speed changes (these are not in the key).
             cfg = cfg.model_copy(update={"readers": 0, "workers": 0})
-        predictor, mhash = _predictor(cfg.model, cfg.device)
-        rec = segment_slide(job, out, cfg, predictor, mhash, log=logger.info)
+        predictor, mhash = _predictor(cfg.model, cfg.device, cfg.tta)
+        with SlideProgress(job.slide_id, logger.info) as progress:
+            rec = segment_slide(job, out, cfg, predictor, mhash, log=logger.info, progress=progress)
     except Exception as e:  # any slide's failure is that slide's, never the batch's
         row.update(reason=failure_reason(e), seconds=round(time.perf_counter() - t0, 2))
-        if isinstance(e, SlideError | OSError):
-            logger.error(f"{job.slide_id}: failed: {row['reason']}")
-        else:  # not an input problem we know: keep the traceback for whoever debugs it
-            logger.exception(f"{job.slide_id}: failed: {row['reason']}")
+        if not isinstance(e, SlideError | OSError):  # not an input problem we know: keep the
+            logger.error(f"{job.slide_id}: unexpected error; traceback:", exc_info=True)  # traceback
+        # Prefect logs this message once ("Finished in state Failed(...)"): the one line per failure.
         return Failed(message=f"{job.slide_id}: {row['reason']}", data=row)
     row.update(status=rec["status"], reason=rec.get("reason"), nuclei=rec.get("nuclei"),
                tissue_mm2=rec.get("tissue_mm2"), seconds=round(time.perf_counter() - t0, 2))
@@ -195,20 +200,21 @@ def segment_slides(
     readers: int = 1,
     workers: int = 1,
     dask_address: str | None = None,
+    tta: int = 1,
     overwrite: bool = False,
 ) -> dict | State:
     """Segment a batch of slides (paths, globs, folders or a CSV manifest) into ``out``.
 
     Returns the batch report: {"slides": [{slide_id, path, status, reason, nuclei,
     tissue_mm2, seconds, worker}], "done"/"skipped"/"busy"/"failed": counts, "report": path,
-    "summary": [csv, png]}; when some slides failed, a Failed state with it as data (call with
-    ``return_state=True`` and read ``state.result(raise_on_failure=False)``).
+    "summary": [csv, png]}; when some slides failed, a Failed state holding a `SlidesFailed`
+    with the report (call with ``return_state=True`` and read it with `batch_report`).
     """
     logger = get_run_logger()
     check_model(model)
     kw = {k: v for k, v in {"tile_size": tile_size, "halo": halo}.items() if v is not None}
     cfg = SegmentConfig(model=model, device=device, mpp=None, batch_size=batch_size, readers=readers,
-                        workers=workers, overwrite=overwrite, **kw)
+                        workers=workers, tta=tta, overwrite=overwrite, **kw)
     jobs = expand_slides(slides, mpp=mpp)
     check_output(out)
     where = f" on Dask at {dask_address}" if dask_address else ""
@@ -234,26 +240,41 @@ def segment_slides(
     except OSError as e:  # e.g. the disk filled up with the last slide: still print the table
         report.update(report=None, report_error=f"batch report {Path(out) / name} not written: {failure_reason(e)}")
         logger.error(report["report_error"])
-    for line in format_report(report):
-        logger.info(line)
-    if report["report"] is None:
-        return Failed(name="ReportNotWritten", data=report, message=report["report_error"])
+    _table_artifact(report, logger)
+    # The counts only: each failure's reason was logged once by its task, the table is an
+    # artifact (the run page) and printed by the CLI (the terminal).
+    logger.info(format_report(report)[-1])
+    if report["report"] is None:  # a standard Failed state (alerts), the report as its data
+        return Failed(message=report["report_error"], data=SlidesFailed(report))
     if counts["failed"]:
-        bad = [f"{r['slide_id']}: {r['reason']}" for r in rows if r["status"] == "failed"]
-        more = f"; and {len(bad) - MESSAGE_SLIDES} more" if len(bad) > MESSAGE_SLIDES else ""
-        return Failed(name="CompletedWithFailures", data=report,
-                      message=f"{counts['failed']} of {len(rows)} slides failed ({'; '.join(bad[:MESSAGE_SLIDES])}{more}); "
-                              f"report: {report['report']}")
+        failed = SlidesFailed(report)
+        return Failed(message=str(failed), data=failed)
     return report
+
+
+def _table_artifact(report: dict, logger) -> None:
+    """The batch table on the flow run's page (and under key ``nucleiflow-batch`` in Artifacts)."""
+    from prefect.artifacts import create_table_artifact
+
+    table = [{k: r.get(k) for k in TABLE_COLUMNS} for r in report["slides"]]
+    try:
+        create_table_artifact(table=table, key="nucleiflow-batch", description=format_report(report)[-1])
+    except Exception as e:  # noqa: BLE001 - the report file is written; the UI copy is a convenience
+        logger.warning(f"batch table artifact not created: {e}")
+
+
+def batch_report(state: State) -> dict:
+    """The batch report a finished `segment_slides` state holds, whether or not slides
+    failed; raises what the flow raised when it did not get to write one (bad model,
+    output folder not writable, bad slide list)."""
+    data = state.result(raise_on_failure=False)
+    if isinstance(data, SlidesFailed):
+        return data.report
+    if isinstance(data, BaseException):
+        raise data
+    return data
 
 
 def run_batch(**params) -> dict:
-    """Run the flow and return its report whether or not slides failed (the CLI's entry).
-
-    Raises what the flow raised when it did not get to write a report (bad model, output
-    folder not writable, bad slide list)."""
-    state = segment_slides(**params, return_state=True)
-    report = state.result(raise_on_failure=False)
-    if isinstance(report, BaseException):
-        raise report
-    return report
+    """Run the flow and return its report whether or not slides failed (the CLI's entry)."""
+    return batch_report(segment_slides(**params, return_state=True))

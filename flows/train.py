@@ -15,7 +15,8 @@ from nucleiflow.pipeline.train.evaluation import evaluate
 from nucleiflow.pipeline.infer.predictor import Predictor
 from nucleiflow.pipeline.train.card import build_card, compare_rows, render_markdown
 from nucleiflow.pipeline.train.tuning import tune_postprocess
-from nucleiflow.pipeline.train.loop import TrainConfig, split_records, train
+from nucleiflow.pipeline.train.config import DataConfig, TrainConfig
+from nucleiflow.pipeline.train.loop import split_data, train
 
 
 def read_config(path: str | Path) -> TrainConfig:
@@ -28,24 +29,33 @@ def read_config(path: str | Path) -> TrainConfig:
                              for err in e.errors())
         raise ValueError(f"{path}: invalid training config: {problems}") from e
     # Fail before Prefect starts (and before training) on what would fail later.
-    if not (Path(cfg.data.root) / "splits.csv").is_file():
-        raise ValueError(f"{path}: data.root {cfg.data.root} has no splits.csv (relative paths start at the CWD)")
-    try:
-        split_records(cfg)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from e
-    held_out = {r.name for r in read_splits(cfg.data.root) if r.split == cfg.data.eval_split}
-    unknown = sorted(set(cfg.data.eval_names or ()) - held_out)
-    if not held_out or unknown:
-        raise ValueError(f"{path}: data.eval_split {cfg.data.eval_split!r} of {cfg.data.root} "
-                         + (f"lacks data.eval_names {unknown}" if held_out else "has no images"))
-    if cfg.teacher is not None:
+    for i, d in enumerate(cfg.data):
+        _check_data(path, f"data[{i}]" if len(cfg.data) > 1 else "data", d, cfg.train.seed)
+    refs = {"init": cfg.init, "teacher.model": cfg.teacher.model if cfg.teacher else None}
+    for where, ref in refs.items():
+        if ref is None:
+            continue
         try:
-            resolve(cfg.teacher.model)
+            resolve(ref)
         except (KeyError, FileNotFoundError) as e:
             why = str(e).strip("'\"")  # a KeyError's str is quoted
-            raise ValueError(f"{path}: teacher.model: {why}") from e
+            raise ValueError(f"{path}: {where}: {why}") from e
     return cfg
+
+
+def _check_data(path: str | Path, where: str, d: DataConfig, seed: int) -> None:
+    """One data set's root, validation split and held-out images exist (else one line naming it)."""
+    if not (Path(d.root) / "splits.csv").is_file():
+        raise ValueError(f"{path}: {where}.root {d.root} has no splits.csv (relative paths start at the CWD)")
+    try:
+        split_data(d, seed)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+    held_out = {r.name for r in read_splits(d.root) if r.split == d.eval_split}
+    unknown = sorted(set(d.eval_names or ()) - held_out)
+    if not held_out or unknown:
+        raise ValueError(f"{path}: {where}.eval_split {d.eval_split!r} of {d.root} "
+                         + (f"lacks data.eval_names {unknown}" if held_out else "has no images"))
 
 
 def _load_yaml(path: str | Path) -> dict:
@@ -73,11 +83,14 @@ def train_task(cfg: TrainConfig) -> dict:
 
 
 @task(name="evaluate")
-def evaluate_task(model, card: dict, cfg: TrainConfig, label: str) -> dict:
+def evaluate_task(model, card: dict, cfg: TrainConfig, label: str, data: DataConfig | None = None) -> dict:
+    """Scores on the held-out split of ``data`` (default: the primary data set)."""
     logger = get_run_logger()
+    d = data or cfg.primary
+    label = f"{label} [{Path(d.root).name}]"
     predictor = Predictor(model, card, device=cfg.device)
     res = evaluate(
-        predictor, cfg.data.root, split=cfg.data.eval_split, names=cfg.data.eval_names,
+        predictor, d.root, split=d.eval_split, names=d.eval_names,
         tile_size=cfg.eval_tile_size,
         progress=lambda name, row: logger.info(f"{label} {name}: dice {row['dice']:.3f} aji {row['aji']:.3f}"),
     )
@@ -87,12 +100,14 @@ def evaluate_task(model, card: dict, cfg: TrainConfig, label: str) -> dict:
 
 
 @task(name="tune-postprocess")
-def tune_task(model, card: dict, cfg: TrainConfig, val_names: list[str]) -> dict:
+def tune_task(model, card: dict, cfg: TrainConfig, splits: list[tuple[list[str], list[str]]]) -> dict:
     """Thresholds chosen on the validation images (carved from train), never on test."""
     logger = get_run_logger()
-    best, score = tune_postprocess(Predictor(model, card, device=cfg.device), cfg.data.root, val_names,
-                                   card["postprocess"])
-    logger.info(f"post-processing tuned on {len(val_names)} validation images: {best} (AJI {score:.4f})")
+    sets = [(d.root, val) for d, (_, val) in zip(cfg.data, splits) if val]
+    best, score = tune_postprocess(Predictor(model, card, device=cfg.device), sets, card["postprocess"],
+                                   tile_size=cfg.eval_tile_size)
+    n = sum(len(v) for _, v in sets)
+    logger.info(f"post-processing tuned on {n} validation images: {best} (AJI {score:.4f})")
     return best
 
 
@@ -113,10 +128,11 @@ def train_model(config: str) -> dict:
     card = build_card(cfg, result, None, outputs)
     post = card["postprocess"]
     if cfg.tune_postprocess and result["val_names"]:
-        post = tune_task(result["model"], card, cfg, result["val_names"])
+        post = tune_task(result["model"], card, cfg, result["splits"])
     card = build_card(cfg, result, None, outputs, postprocess=post)
-    new = evaluate_task(result["model"], card, cfg, "new")
-    card = build_card(cfg, result, new, outputs, postprocess=post)
+    by_data = {Path(d.root).name: evaluate_task(result["model"], card, cfg, "new", d) for d in cfg.data}
+    new = by_data[Path(cfg.primary.root).name]
+    card = build_card(cfg, result, new, outputs, postprocess=post, by_data=by_data)
     old = None
     if (Path(cfg.out) / "model.json").exists():
         old_model, old_card = load_checkpoint(cfg.out)

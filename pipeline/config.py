@@ -2,7 +2,7 @@
 (`ModelCard`, with its `PostprocessConfig`), shared by the CLI, the flows and configs/.
 
 The training run's own schema (`TrainConfig` and its parts) lives beside the loop in
-`train.loop`; both hash themselves with `config_hash`.
+`train.config`; both hash themselves with `config_hash`.
 """
 from __future__ import annotations
 
@@ -36,11 +36,15 @@ class SegmentConfig(BaseModel):
     readers: int = Field(1, ge=0, le=32, description="Reader processes; 0 reads in the main process.")
     workers: int = Field(1, ge=0, le=64, description="Post-processing processes; 0 = in-process.")
     tissue_mpp: float = Field(TISSUE_MPP, gt=0)
+    tta: int = Field(1, ge=1, le=8, description="Test-time augmentation: views averaged per tile (1 = off).")
     overwrite: bool = Field(False, description="Replace another slide's results under the same id.")
 
     def key(self, exclude: tuple[str, ...] = ("device", "batch_size", "readers", "workers", "overwrite")) -> str:
         """Hash of the fields that change results (not the ones that only change speed)."""
-        return config_hash(self.model_dump(exclude=set(exclude)))
+        data = self.model_dump(exclude=set(exclude))
+        if data.get("tta") == 1:  # off: keys stay those of runs made before TTA existed
+            del data["tta"]
+        return config_hash(data)
 
 
 def config_hash(data: Mapping[str, Any]) -> str:

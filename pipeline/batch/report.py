@@ -136,18 +136,42 @@ def _nice(x: float) -> float:
     return next(m * k for m in (1, 2, 2.5, 5, 10) if m * k >= x)
 
 
+DEBRIS_UM2 = 5.0  # objects smaller than this are debris or fragments, not nuclei (~2.5 um across)
+CLIP_QUANTILE = 0.99  # the x axis ends at the largest slide's 99th percentile (and says so)
+
+
+def debris_share(a: np.ndarray) -> float:
+    """Share of a slide's objects under DEBRIS_UM2."""
+    return float((a < DEBRIS_UM2).mean()) if len(a) else 0.0
+
+
+def x_label(areas: np.ndarray, end: float) -> str:
+    """The area axis' label; says what share of the objects lie past its end, if any."""
+    past = float((areas > end).mean()) if len(areas) else 0.0
+    clipped = f"; axis ends at {end:g} um2: {past:.1%} of nuclei are larger, not shown" if past else ""
+    return "nucleus area (um2)" + clipped
+
+
 def area_plot(areas: dict[str, np.ndarray], size: tuple[int, int] = (900, 520)) -> Image.Image:
-    """Line plot of each slide's nucleus area distribution (fraction of its nuclei per bin)."""
-    w, h = size
-    left, right, top, bottom = 70, 190, 40, 60
-    img = Image.new("RGB", size, "white")
+    """Line plot of each slide's nucleus area distribution (fraction of its nuclei per bin),
+    titled; the debris band (< DEBRIS_UM2) shaded and its share per slide in the legend;
+    the x axis label says how many nuclei lie past its end. The legend column is as wide
+    as its longest entry, so nothing is cut."""
+    font, bold = ImageFont.load_default(size=13), ImageFont.load_default(size=17)
+    labels = [f"{sid} ({len(a):,}; {debris_share(a):.1%} < {DEBRIS_UM2:g} um2)" for sid, a in areas.items()]
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    legend_w = int(max([probe.textlength(t, font=font) for t in labels] + [0])) + 60
+    w, h = size[0] + legend_w, size[1]
+    left, right, top, bottom = 70, legend_w + 10, 56, 60
+    img = Image.new("RGB", (w, h), "white")
     draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default(size=13)
     edges = area_bins(areas)
     fracs = {sid: np.histogram(a, edges)[0] / max(len(a), 1) for sid, a in areas.items()}
     ymax = _nice(max([float(f.max()) for f in fracs.values() if f.size] + [0.01]))
     px = lambda v: left + (v - edges[0]) / (edges[-1] - edges[0]) * (w - left - right)
     py = lambda v: h - bottom - v / ymax * (h - top - bottom)
+    draw.rectangle([left, top, px(min(DEBRIS_UM2, edges[-1])), h - bottom], fill=(228, 228, 228))
+    draw.text((left + 3, top + 4), "debris", fill=(90, 90, 90), font=font, anchor="lt")
     draw.rectangle([left, top, w - right, h - bottom], outline="black")
     for t in np.linspace(edges[0], edges[-1], 6):
         draw.line([px(t), h - bottom, px(t), h - bottom + 4], fill="black")
@@ -155,16 +179,19 @@ def area_plot(areas: dict[str, np.ndarray], size: tuple[int, int] = (900, 520)) 
     for t in np.linspace(0, ymax, 5):
         draw.line([left - 4, py(t), left, py(t)], fill="black")
         draw.text((left - 8, py(t)), f"{t:.2g}", fill="black", font=font, anchor="rm")
-    draw.text(((left + w - right) / 2, h - 18), "nucleus area (um2)", fill="black", font=font, anchor="mm")
-    draw.text((left, 14), "fraction of a slide's nuclei per bin", fill="black", font=font, anchor="lm")
+    every = np.concatenate(list(areas.values())) if areas else np.empty(0)
+    draw.text(((left + w - right) / 2, h - 18), x_label(every, edges[-1]), fill="black", font=font, anchor="mm")
+    draw.text((left, 18), f"Nucleus area per slide: {len(areas)} slide{'s' * (len(areas) != 1)}, {len(every):,} objects",
+              fill="black", font=bold, anchor="lm")
+    draw.text((left, 40), "fraction of a slide's nuclei per bin", fill="black", font=font, anchor="lm")
     centres = (edges[:-1] + edges[1:]) / 2
-    for i, (sid, f) in enumerate(fracs.items()):
+    for i, ((sid, f), label) in enumerate(zip(fracs.items(), labels)):
         colour = PALETTE[i % len(PALETTE)]
         if f.size and len(areas[sid]):
             draw.line([(px(x), py(y)) for x, y in zip(centres, f)], fill=colour, width=2)
-        ly = top + 8 + 16 * i
+        ly = top + 8 + 18 * i
         draw.line([w - right + 12, ly, w - right + 32, ly], fill=colour, width=3)
-        draw.text((w - right + 38, ly), f"{sid[:18]} ({len(areas[sid])})", fill="black", font=font, anchor="lm")
+        draw.text((w - right + 38, ly), label, fill="black", font=font, anchor="lm")
     if not areas:
         draw.text(((left + w - right) / 2, h / 2), "no finished slides", fill="black", font=font, anchor="mm")
     return img

@@ -19,6 +19,7 @@ import platform
 import socket
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,13 +63,15 @@ def segment_slide(
     model_hash: str,
     *,
     log=print,
+    progress: Callable[[int, int], None] | None = None,
     claim_ttl_s: float | None = None,
 ) -> dict:
     """Segment ``job`` into ``out``; returns the run record (also written as run.json).
 
     Status "skipped" (done before with this key), "busy" (another live worker holds the
     slide's claim; ``reason`` says who) or "done". Raises SlideError (bad slide) or OSError
-    (output) after removing partial outputs.
+    (output) after removing partial outputs. ``progress(done, total)`` is called with the
+    tile count once planned and after every tile; without it every 10th tile is logged.
     """
     out = Path(out)
     log = log or (lambda msg: None)  # None = quiet (on_tile below already allowed it)
@@ -96,7 +99,8 @@ def segment_slide(
             check_same_slide(read_record(paths["run_json"]), info.fingerprint, job.path,
                              paths["run_json"].parent, cfg.overwrite)
             damaged = is_done(paths["run_json"], key)  # done with this key, yet not intact
-            record = _segment_claimed(_Slide(job, out, cfg, predictor, model_hash, reader, key, claim, log, t0))
+            record = _segment_claimed(_Slide(job, out, cfg, predictor, model_hash, reader, key, claim, log, t0,
+                                            progress))
             return {**record, "reason": "redone: its outputs were damaged"} if damaged else record
 
 
@@ -124,6 +128,7 @@ class _Slide:
     claim: Claim
     log: object
     t0: float
+    progress: Callable[[int, int], None] | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -169,9 +174,18 @@ def _stream_and_publish(s: _Slide, tissue: TissueMask, plan: TilePlan) -> Segmen
         chunk=s.cfg.tile_size, metadata=meta, tissue=tissue.mask, tissue_mpp=tissue.mpp,
     )
 
+    def every_10th(n: int, total: int) -> None:
+        if n and n % 10 == 0:
+            s.log(f"{s.job.slide_id}: {n}/{total} tiles")
+
+    progress = s.progress or every_10th
+    done = 0
+    progress(0, len(plan))
+
     def on_tile(tn, offset: int) -> None:
-        if (tn.tile.index + 1) % 10 == 0:
-            s.log(f"{s.job.slide_id}: {tn.tile.index + 1}/{len(plan)} tiles")
+        nonlocal done
+        done += 1
+        progress(done, len(plan))
 
     try:
         t = time.perf_counter()

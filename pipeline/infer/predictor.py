@@ -14,6 +14,7 @@ import torch
 
 from nucleiflow.models.checkpoint import CARD, WEIGHTS, load_checkpoint, resolve
 from nucleiflow.models.outputs import to_maps
+from nucleiflow.models.tta import tta_maps
 from nucleiflow.pipeline.config import CardError, ModelCard
 from nucleiflow.pipeline.infer.device import pick_device
 
@@ -23,11 +24,14 @@ class Predictor:
 
     ``__call__(images: (B,H,W,3) uint8) -> dict`` of numpy float32 maps: "prob" (B,H,W),
     optionally "hv" (B,2,H,W), "marker" (B,H,W), "type_prob" (B,k,H,W). ``card`` may be a
-    plain dict (validated here) or a `ModelCard`.
+    plain dict (validated here) or a `ModelCard`. ``tta`` > 1 averages the maps over that many
+    flipped/rotated views (`models.tta`; ``tta`` forward passes per batch).
     """
 
-    def __init__(self, model: torch.nn.Module, card: ModelCard | Mapping[str, Any], device: str = "auto") -> None:
+    def __init__(self, model: torch.nn.Module, card: ModelCard | Mapping[str, Any], device: str = "auto",
+                 tta: int = 1) -> None:
         self.device = pick_device(device)
+        self.tta = int(tta)
         self.model = model.to(self.device).eval()
         self.card = ModelCard.of(card)
         self.cuda = self.device.type == "cuda"
@@ -43,11 +47,47 @@ class Predictor:
             x = x.contiguous(memory_format=torch.channels_last)
         x = x.float().div_(255.0)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.cuda):
-            maps = to_maps(self.model(x))
+            if self.tta > 1:
+                maps = tta_maps(lambda v: to_maps(self.model(v)), x, self.tta)
+            else:
+                maps = to_maps(self.model(x))
         out = {}
         for k, v in maps.items():
             arr = v.float().cpu().numpy()
             out[k] = arr[:, 0] if k in ("prob", "marker") else arr
+        return out
+
+
+class RecordingPredictor:
+    """A `Predictor` that keeps every batch's maps, so `replay` can serve them again."""
+
+    def __init__(self, predictor: Predictor) -> None:
+        self.predictor, self.card, self.calls = predictor, predictor.card, []
+
+    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        out = self.predictor(images)
+        self.calls.append(out)
+        return out
+
+    def replay(self, card: ModelCard | None = None) -> ReplayPredictor:
+        return ReplayPredictor(self.calls, card or self.card)
+
+
+class ReplayPredictor:
+    """Serves recorded maps in call order, without a model: the tiled path's post-processing
+    alone (e.g. candidate thresholds through exactly the path `evaluate` scores). The same
+    plan and batch size must drive it as drove the recording."""
+
+    def __init__(self, calls: list[dict[str, np.ndarray]], card: ModelCard) -> None:
+        self.calls, self.card, self._next = calls, ModelCard.of(card), 0
+
+    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        if self._next >= len(self.calls):
+            raise RuntimeError(f"replay ran past its {len(self.calls)} recorded batches")
+        out = self.calls[self._next]
+        if len(next(iter(out.values()))) != len(images):
+            raise RuntimeError("replayed batch does not match the recording (another plan or batch size?)")
+        self._next += 1
         return out
 
 
@@ -73,8 +113,8 @@ def check_weights(name_or_path: str | os.PathLike) -> torch.nn.Module:
     return net
 
 
-def load_predictor(name_or_path: str | os.PathLike, device: str = "auto") -> Predictor:
+def load_predictor(name_or_path: str | os.PathLike, device: str = "auto", tta: int = 1) -> Predictor:
     """Validate the card first (a clear error, not a TypeError in a worker), then load."""
     card = load_card(name_or_path)
     net = check_weights(name_or_path)
-    return Predictor(net, card, device=device)
+    return Predictor(net, card, device=device, tta=tta)

@@ -37,9 +37,29 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def umask() -> int:
+    """The process umask, read without changing it (``os.umask`` can only set-and-return,
+    which would race with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # no /proc (macOS): the set-and-restore fallback
+    os.umask(mask)
+    return mask
+
+
 def publish(tmp: Path, path: Path, *, durable: bool = True) -> Path:
     """Rename ``tmp`` over ``path`` (a folder replaces an older folder); ``durable`` fsyncs
-    the file before and its folder after, so a crash leaves the old or the new, never half."""
+    the file before and its folder after, so a crash leaves the old or the new, never half.
+
+    A file gets the mode a plain ``open`` would give it (0666 less the umask, e.g. 0644):
+    temp-file helpers such as ``mkstemp`` create 0600, and reports on a shared results
+    folder must be readable by the group like every other output."""
+    if tmp.is_file():
+        os.chmod(tmp, 0o666 & ~umask())
     if durable and tmp.is_file():
         fsync_path(tmp)
     if tmp.is_dir() and path.exists():

@@ -6,7 +6,7 @@ Layout of ``<out>/<slide_id>/masks.ome.zarr`` (model pixels; axes y, x in microm
     0/ 1/ 2/ ...         pyramid levels, each half the size of the one above (mean)
     labels/.zattrs       {"labels": ["nuclei", "tissue"]}
     labels/nuclei/0/ ... int32 label image, value = nucleus_id of the GeoParquet row (nearest)
-    labels/tissue/0/     uint8 tissue mask (1 = tissue) at its own, coarser scale
+    labels/tissue/0/ ... uint8 tissue mask (1 = tissue), the image's levels and shapes
 
 Zarr format 2 with "/" chunk keys and Blosc, no sharding: what QuPath, Bio-Formats, OMERO
 and napari read. Every array is created at open; ``write_tile`` writes whole chunks only
@@ -14,6 +14,11 @@ and napari read. Every array is created at open; ``write_tile`` writes whole chu
 one output chunk at a time from the level above (memory: 4 chunks, whatever the slide
 size), then renames the hidden temp folder to the final name. Level ``k`` has scale
 ``mpp * 2**k`` and no translation (as ome-zarr's own writer does).
+
+NGFF 0.4 says a label image MUST have as many levels as its image and SHOULD match its
+dimensions, so viewers overlay them level by level: the tissue mask (detected at ~8 um/px)
+is upsampled, nearest, to every image level, chunk by chunk (only chunks holding tissue are
+stored; Blosc makes the rest of a constant chunk nearly free).
 """
 from __future__ import annotations
 
@@ -69,6 +74,21 @@ def downsample(src: zarr.Array, dst: zarr.Array, reduce: Callable[[np.ndarray], 
             block = src[2 * i : 2 * (i + ch), 2 * j : 2 * (j + cw)]
             if block.any():  # absent chunks read as the fill value 0: nothing to write
                 dst[i : i + ch, j : j + cw] = reduce(block)
+
+
+def upsample_into(dst: zarr.Array, mask: np.ndarray, ratio: float) -> None:
+    """Fill ``dst`` with ``mask`` resampled nearest (``ratio`` = dst um/px over mask um/px),
+    one chunk at a time; chunks without any mask pixel stay absent (fill value 0)."""
+    ch, cw = dst.chunks
+    for i in range(0, dst.shape[0], ch):
+        rows = np.minimum(((np.arange(i, min(i + ch, dst.shape[0])) + 0.5) * ratio).astype(np.int64),
+                          mask.shape[0] - 1)
+        for j in range(0, dst.shape[1], cw):
+            cols = np.minimum(((np.arange(j, min(j + cw, dst.shape[1])) + 0.5) * ratio).astype(np.int64),
+                              mask.shape[1] - 1)
+            block = mask[np.ix_(rows, cols)]
+            if block.any():
+                dst[i : i + len(rows), j : j + len(cols)] = block.astype(np.uint8)
 
 
 def _axes() -> list[dict[str, str]]:
@@ -130,9 +150,9 @@ class OmeZarrWriter:
         nuclei.attrs.update(_label_attrs("nuclei", mpps))
         if tissue is not None:
             group = root.require_group("labels/tissue")
-            arr = self._array(group, "0", tissue.shape, "uint8")
-            arr[...] = np.asarray(tissue, dtype=bool).astype(np.uint8)
-            group.attrs.update(_label_attrs("tissue", [float(tissue_mpp)], [{"label-value": 1, "rgba": [0, 160, 0, 96]}]))
+            for k, (s, m) in enumerate(zip(shapes, mpps)):
+                upsample_into(self._array(group, str(k), s, "uint8"), np.asarray(tissue, dtype=bool), m / tissue_mpp)
+            group.attrs.update(_label_attrs("tissue", mpps, [{"label-value": 1, "rgba": [0, 160, 0, 96]}]))
             names.append("tissue")
         root["labels"].attrs.update({"labels": names})
         root.attrs.update(multiscales("nuclear probability", mpps, "mean"))

@@ -1,8 +1,10 @@
 """Pictures of a slide's outputs, all written atomically (`atomic.atomic_write`).
 
 ``<out>/<slide_id>/overlay.png``         thumbnail: tissue tinted, planned tile cores outlined
-``<out>/<slide_id>/nuclei_overlay.png``  thumbnail with every nucleus outline, drawn from the
-                                         GeoParquet table, streamed by row group
+``<out>/<slide_id>/nuclei_overlay.png``  the whole slide with every nucleus filled (drawn from
+                                         the GeoParquet table, streamed by row group) beside
+                                         a 1024 px zoom of its densest tissue; title with the
+                                         nucleus count, legend, a scale bar on each view
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import shapely
 from PIL import Image, ImageDraw
 
 from nucleiflow.pipeline.outputs.atomic import atomic_write
+from nucleiflow.pipeline.outputs.drawing import NUCLEUS, ZOOM_BOX, fill_rings, font, legend, scale_bar
 from nucleiflow.pipeline.outputs.layout import slide_paths
 from nucleiflow.pipeline.slide.reader import SlideReader, open_slide
 
@@ -27,7 +30,7 @@ if TYPE_CHECKING:
     from nucleiflow.pipeline.tiles.plan import TilePlan
 
 OVERLAY_NAME = "nuclei_overlay.png"
-OUTLINE = (0, 230, 0)  # green: stands out on haematoxylin purple and eosin pink alike
+OUTLINE = NUCLEUS  # `draw_outlines`' default; see `drawing` for the colour choice
 
 
 def overlay_png(reader: SlideReader, tissue: TissueMask, plan: TilePlan | None,
@@ -88,18 +91,64 @@ def parquet_rings(parquet: str | os.PathLike, scale: float, batch_rows: int = 50
         yield from np.split(coords * scale, cuts)
 
 
-def nuclei_overlay(reader: SlideReader, parquet: str | os.PathLike, path: str | os.PathLike,
-                   *, max_px: int = 2048, min_mpp: float = 0.5) -> Path:
-    """Thumbnail of the slide with each nucleus of ``parquet`` outlined -> PNG at ``path``.
+def densest_window(parquet: str | os.PathLike, width: int, height: int, size: float) -> tuple[int, int]:
+    """Top-left level-0 px of the ``size`` x ``size`` level-0 px window holding the most
+    nucleus centroids (a slide of ``width`` x ``height``); streamed, quarter-window bins."""
+    step = max(size / 4, 1.0)
+    nx, ny = max(1, math.ceil(width / step)), max(1, math.ceil(height / step))
+    counts = np.zeros((ny, nx), np.int64)
+    for batch in pq.ParquetFile(parquet).iter_batches(columns=["centroid_x", "centroid_y"]):
+        x = np.clip((batch.column(0).to_numpy() / step).astype(np.int64), 0, nx - 1)
+        y = np.clip((batch.column(1).to_numpy() / step).astype(np.int64), 0, ny - 1)
+        np.add.at(counts, (y, x), 1)
+    k = min(4, nx), min(4, ny)  # the window in bins (a small slide: all of it)
+    c = np.pad(counts.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    sums = c[k[1]:, k[0]:] - c[:-k[1], k[0]:] - c[k[1]:, :-k[0]] + c[:-k[1], :-k[0]]
+    iy, ix = np.unravel_index(int(np.argmax(sums)), sums.shape)
+    return (int(min(ix * step, max(width - size, 0))), int(min(iy * step, max(height - size, 0))))
 
-    The PNG is at ``overlay_mpp`` um/px; level-0 px (the table's coordinates) map to PNG
-    px by ``mpp_x / png_mpp``.
+
+def nuclei_overlay(reader: SlideReader, parquet: str | os.PathLike, path: str | os.PathLike,
+                   *, max_px: int = 2048, min_mpp: float = 0.5, zoom_px: int = 1024,
+                   zoom_mpp: float = 0.25, title: str | None = None) -> Path:
+    """The slide with each nucleus of ``parquet`` filled, beside a ``zoom_px`` crop of its
+    densest tissue at ``zoom_mpp`` um/px (or the slide's own, if coarser) -> PNG at ``path``.
+
+    The whole view is at ``overlay_mpp`` um/px; level-0 px (the table's coordinates) map
+    to its px by ``mpp_x / mpp``.
     """
     info = reader.info
     mpp = overlay_mpp(info.width * info.mpp_x, info.height * info.mpp_y, max_px, min_mpp)
-    img = Image.fromarray(reader.thumbnail(mpp))
-    draw_outlines(img, parquet_rings(parquet, info.mpp_x / mpp))
-    return save_png(img, Path(path))
+    whole = Image.fromarray(reader.thumbnail(mpp))
+    zmpp = max(zoom_mpp, info.mpp_x)
+    f = zmpp / info.mpp_x  # level-0 px per zoom px
+    zw, zh = min(zoom_px, math.ceil(info.width / f)), min(zoom_px, math.ceil(info.height / f))
+    x0, y0 = densest_window(parquet, info.width, info.height, zoom_px * f)
+    zoom = Image.fromarray(reader.read(x0, y0, zw, zh, zmpp))
+    n = fill_rings(whole, parquet_rings(parquet, info.mpp_x / mpp))
+    fill_rings(zoom, (r - (x0 / f, y0 / f) for r in parquet_rings(parquet, 1 / f)
+                      if r[:, 0].max() >= x0 / f and r[:, 0].min() < x0 / f + zw
+                      and r[:, 1].max() >= y0 / f and r[:, 1].min() < y0 / f + zh), alpha=45, outline=True)
+    ImageDraw.Draw(whole).rectangle([x0 * info.mpp_x / mpp, y0 * info.mpp_y / mpp,
+                                     (x0 + zw * f) * info.mpp_x / mpp, (y0 + zh * f) * info.mpp_y / mpp],
+                                    outline=ZOOM_BOX, width=2)
+    scale_bar(whole, mpp)
+    scale_bar(zoom, zmpp)
+    head = f"{title or Path(parquet).parent.name.removeprefix('slide_id=')}: {n:,} nuclei"
+    return save_png(_compose(whole, zoom, head, zmpp), Path(path))
+
+
+def _compose(whole: Image.Image, zoom: Image.Image, head: str, zmpp: float) -> Image.Image:
+    """Whole view | zoom side by side under a title line and a legend line."""
+    gap, top = 16, 70
+    canvas = Image.new("RGB", (whole.width + gap + zoom.width, top + max(whole.height, zoom.height)), "white")
+    canvas.paste(whole, (0, top))
+    canvas.paste(zoom, (whole.width + gap, top))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((8, 18), head, fill="black", font=font(22), anchor="lm")
+    legend(draw, 8, 50, [("fill", NUCLEUS, "nucleus (segmented)"),
+                         ("box", ZOOM_BOX, f"zoomed area (right, {zmpp:g} um/px)")])
+    return canvas
 
 
 def slide_overlay(out: str | os.PathLike, slide_id: str, **kw) -> Path:

@@ -10,10 +10,11 @@ from nucleiflow.models.outputs import postprocess_method
 
 
 def build_card(cfg: Any, result: dict, metrics: dict | None, outputs: dict[str, int],
-               postprocess: dict | None = None) -> dict:
+               postprocess: dict | None = None, by_data: dict[str, dict] | None = None) -> dict:
     """Card for a model trained by `training.train` with config ``cfg`` (a TrainConfig).
 
-    ``metrics`` is `evaluation.evaluate`'s result on the held-out split (or None);
+    ``metrics`` is `evaluation.evaluate`'s result on the primary data set's held-out split
+    (or None); ``by_data`` the same per data set name (the root's folder name);
     ``postprocess`` overrides the config's (e.g. thresholds tuned on validation images).
     """
     post = dict(postprocess if postprocess is not None else cfg.postprocess)
@@ -41,12 +42,19 @@ def build_card(cfg: Any, result: dict, metrics: dict | None, outputs: dict[str, 
             "history": result["history"],
             "loop": cfg.train.model_dump(),
             "teacher": cfg.teacher.model_dump() if cfg.teacher else None,
+            "augment": cfg.augment.model_dump(),
+            "init": cfg.init,
         },
         "data": {
-            "root": str(cfg.data.root),
+            "root": str(cfg.primary.root),
             "train": result["train_names"],
             "validation": result["val_names"],
             "validation_note": "carved from the train split; the test split is never used for training or selection",
+            "sets": [
+                {"root": str(d.root), "weight": d.weight, "group_by": d.group_by, "train": len(tr), "validation": len(va),
+                 "patches_sampled": result.get("sampled", {}).get(d.root)}
+                for d, (tr, va) in zip(cfg.data, result.get("splits") or [(result["train_names"], result["val_names"])])
+            ],
         },
         "metrics": {},
     }
@@ -57,6 +65,10 @@ def build_card(cfg: Any, result: dict, metrics: dict | None, outputs: dict[str, 
             "names": [r["name"] for r in metrics["per_image"]],
             "mean": metrics["mean"],
             "per_image": metrics["per_image"],
+        }
+    if by_data:  # every data set's held-out split, the primary one included
+        card["metrics"]["by_data"] = {
+            name: {"split": r["split"], "n_images": r["n_images"], "mean": r["mean"]} for name, r in by_data.items()
         }
     return card
 
@@ -75,6 +87,7 @@ def render_markdown(card: dict) -> str:
     m = card.get("metrics") or {}
     t = card.get("training") or {}
     d = card.get("data") or {}
+    roots = ", ".join(f"`{x.get('root')}` (weight {x.get('weight', 1.0)})" for x in d.get("sets") or [d])
     lines = [
         f"# {card.get('name')} ({card.get('arch')})", "",
         "Produced by `nucleiflow train` (flow `train-model`); `model.json` is the machine-readable card.", "",
@@ -83,7 +96,8 @@ def render_markdown(card: dict) -> str:
         f"- input: {card.get('input', 'RGB / 255')} at **{card.get('mpp')} um/px**; stain normalisation: "
         f"{'Macenko to a stored reference' if (card.get('normalisation') or {}).get('stain') else 'none'}",
         f"- post-processing: `{json_dumps(card.get('postprocess'))}` (thresholds chosen on the validation images)",
-        f"- trained on: `{d.get('root')}`, {len(d.get('train') or [])} train images, "
+        f"- trained on: {roots}, "
+        f"{len(d.get('train') or [])} train images, "
         f"{len(d.get('validation') or [])} validation images carved from the train split",
         f"- training: {t.get('epochs')} epochs, {t.get('seconds')} s on {t.get('hardware')} ({t.get('device')}), "
         f"torch {t.get('torch')}, {t.get('date')}",
@@ -97,6 +111,13 @@ def render_markdown(card: dict) -> str:
                   "| " + " | ".join(f"{v:.4f}" for v in m["mean"].values()) + " |", "",
                   "Reproduce: `nucleiflow evaluate --model <this folder or name> --data <root> "
                   f"--split {m.get('split')}`."]
+    by = m.get("by_data") or {}
+    if len(by) > 1:
+        keys = list(next(iter(by.values()))["mean"])
+        lines += ["", "## Held-out metrics per data set", "", "| data set | split | images | " + " | ".join(keys) + " |",
+                  "|" + "---|" * (len(keys) + 3)]
+        lines += [f"| {n} | {r['split']} | {r['n_images']} | " + " | ".join(f"{r['mean'][k]:.4f}" for k in keys) + " |"
+                  for n, r in by.items()]
     return "\n".join(lines) + "\n"
 
 

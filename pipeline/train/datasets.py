@@ -1,26 +1,24 @@
-"""Annotated data sets in the shared layout, and the patches training draws from them.
+"""Annotated data sets in the shared layout: records, splits, images and their targets.
 
 A data set root holds ``images/<name>.png`` (RGB uint8), ``labels/<name>.png`` (16-bit
 instance labels, 0 = background) and ``splits.csv`` (at least ``name, split, mpp``).
-Images are resampled from their own mpp to the training mpp on load. `PatchSampler` cuts
-random, augmented patches into torch batches laid out as the training contract says;
-`tiles` cuts fixed ones for a validation loss.
+Images are resampled from their own mpp to the training mpp on load. The patches training
+draws from them are cut in `train.sampler`.
 """
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from skimage.segmentation import relabel_sequential
 
 from nucleiflow.pipeline.postprocess.labels import resample_nearest
 from nucleiflow.pipeline.slide import stain
-from nucleiflow.pipeline.train.targets import dihedral, dihedral_targets, make_targets
+from nucleiflow.pipeline.train.targets import make_targets
 
 REQUIRED_COLUMNS = ("name", "split", "mpp")
 
@@ -34,19 +32,22 @@ class ImageRecord:
     mpp: float
     image_path: Path
     label_path: Path
+    group: str | None = None  # e.g. the patient: validation is carved by whole groups
 
 
-def read_splits(root: str | Path) -> list[ImageRecord]:
-    """Records of ``<root>/splits.csv``, in file order; a clear error names a bad file."""
+def read_splits(root: str | Path, group_by: str | None = None) -> list[ImageRecord]:
+    """Records of ``<root>/splits.csv``, in file order; a clear error names a bad file.
+    ``group_by`` names a column (e.g. "patient") copied into each record's ``group``."""
     root = Path(root)
     path = root / "splits.csv"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: splits file not found")
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
-        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+        needed = REQUIRED_COLUMNS + ((group_by,) if group_by else ())
+        missing = [c for c in needed if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (needs {', '.join(REQUIRED_COLUMNS)})")
+            raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (needs {', '.join(needed)})")
         records = []
         for line, row in enumerate(reader, start=2):
             try:
@@ -57,7 +58,7 @@ def read_splits(root: str | Path) -> list[ImageRecord]:
                 raise ValueError(f"{path}, line {line}: mpp must be a positive number, got {row['mpp']!r}")
             name = row["name"]
             records.append(ImageRecord(name, row["split"], mpp, root / "images" / f"{name}.png",
-                                       root / "labels" / f"{name}.png"))
+                                       root / "labels" / f"{name}.png", row[group_by] if group_by else None))
     return records
 
 
@@ -98,6 +99,9 @@ def validation_split(records: Sequence[ImageRecord], fraction: float = 0.2, seed
 
     Every record must have split "train" (validation is never carved from test): filter first,
     e.g. ``[r for r in read_splits(root) if r.split == "train"]``. Deterministic for a seed.
+    Records with a ``group`` (patient, source image) are held out by whole groups, in a random
+    group order until at least ``fraction`` of the images are held out, so no patient is on
+    both sides.
     """
     bad = sorted({r.split for r in records if r.split != "train"})
     if bad:
@@ -108,9 +112,23 @@ def validation_split(records: Sequence[ImageRecord], fraction: float = 0.2, seed
     if len(recs) < 2:
         raise ValueError(f"need at least 2 training images to hold some out, got {len(recs)}")
     n_val = min(len(recs) - 1, max(1, round(fraction * len(recs))))
+    if any(r.group is not None for r in recs):
+        return _group_split(recs, n_val, seed)
     order = np.random.default_rng(seed).permutation(len(recs))
     val = set(order[:n_val].tolist())
     return [r for i, r in enumerate(recs) if i not in val], [r for i, r in enumerate(recs) if i in val]
+
+
+def _group_split(recs: list[ImageRecord], n_val: int, seed: int) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    groups = sorted({str(r.group) for r in recs})
+    if len(groups) < 2:
+        raise ValueError(f"need at least 2 groups to hold one out, got {groups}")
+    held: set[str] = set()
+    for g in np.random.default_rng(seed).permutation(groups):
+        if sum(str(r.group) in held for r in recs) >= n_val or len(held) == len(groups) - 1:
+            break
+        held.add(str(g))
+    return [r for r in recs if str(r.group) not in held], [r for r in recs if str(r.group) in held]
 
 
 class AnnotatedDataset:
@@ -153,142 +171,3 @@ class AnnotatedDataset:
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         return self._cache[i] if self._cache is not None else self._load(i)
-
-
-def _crop(a: np.ndarray, y0: int, x0: int, p: int) -> np.ndarray:
-    """(..., p, p) window of a (..., H, W) array at (y0, x0), zero-padded past the edge."""
-    out = np.zeros(a.shape[:-2] + (p, p), a.dtype)
-    sub = a[..., y0:y0 + p, x0:x0 + p]
-    out[..., :sub.shape[-2], :sub.shape[-1]] = sub
-    return out
-
-
-def _starts(n: int, p: int, stride: int) -> list[int]:
-    """Window starts covering [0, n) with windows of p; the last one flush with the edge."""
-    if n <= p:
-        return [0]
-    s = list(range(0, n - p + 1, stride))
-    return s if s[-1] == n - p else s + [n - p]
-
-
-def _to_batch(items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
-    """Stack per-patch numpy arrays into the contract's torch layout."""
-    b: dict[str, torch.Tensor] = {}
-    for key in items[0]:
-        a = np.stack([it[key] for it in items])
-        if key == "image":
-            b[key] = torch.from_numpy(a.astype(np.float32) / 255.0)
-        elif key in ("mask", "marker"):
-            b[key] = torch.from_numpy(a[:, None].astype(np.float32))
-        elif key in ("type", "inst"):
-            b[key] = torch.from_numpy(a.astype(np.int64))
-        else:
-            b[key] = torch.from_numpy(np.ascontiguousarray(a, np.float32))
-    return b
-
-
-def _colour(rgb: np.ndarray, rng: np.random.Generator, stain_sigma: tuple[float, float], jitter: float) -> np.ndarray:
-    """Mild H&E stain jitter, then brightness/contrast jitter: (H, W, 3) uint8 -> same."""
-    rgb = stain.stain_augment(rgb, rng, *stain_sigma)
-    c, b = rng.uniform(1 - jitter, 1 + jitter), rng.uniform(-jitter, jitter) * 128
-    f = rgb.astype(np.float32)
-    f = (f - f.mean()) * c + f.mean() + b
-    return np.clip(f, 0, 255).round().astype(np.uint8)
-
-
-class UnlabelledTiles:
-    """Random RGB-only patches from (H, W, 3) uint8 arrays (e.g. tiles cut from slides) for
-    distillation. ``sample(n)`` -> {"image": (n, 3, P, P) float32 in [0, 1]}."""
-
-    def __init__(self, arrays: Sequence[np.ndarray], patch: int = 256, rng: np.random.Generator | int = 0,
-                 augment: bool = True):
-        if not arrays:
-            raise ValueError("UnlabelledTiles needs at least one image")
-        self.arrays, self.patch, self.augment = list(arrays), patch, augment
-        self.rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-
-    def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
-        out = []
-        for _ in range(batch_size):
-            a = self.arrays[self.rng.integers(len(self.arrays))]
-            y0 = self.rng.integers(max(a.shape[0] - self.patch, 0) + 1)
-            x0 = self.rng.integers(max(a.shape[1] - self.patch, 0) + 1)
-            img = _crop(np.moveaxis(a, -1, 0), y0, x0, self.patch)
-            if self.augment:
-                img = dihedral(img, int(self.rng.integers(4)), bool(self.rng.random() < 0.5))
-            out.append({"image": img})
-        return _to_batch(out)
-
-
-class PatchSampler:
-    """Random training patches: ``sample(B)`` -> torch batch per the training contract.
-
-    "image" (B, 3, P, P) float32 in [0, 1], "mask" (B, 1, P, P), "hv" (B, 2, P, P),
-    "marker" (B, 1, P, P) float32, "type" (B, P, P) int64 if the data set has types,
-    "inst" (B, P, P) int64 with ``with_inst=True``, and "unlabelled" (B, 3, P, P) when
-    ``unlabelled`` images were given. Images are drawn in proportion to their area, crops
-    uniformly; HV maps are computed on whole images before cropping, so cut nuclei keep
-    their true centroid. Augmentation: flips and 90-degree rotations (HV turned with them),
-    mild stain and brightness/contrast jitter. One numpy Generator seeded with ``seed``
-    drives everything, so equal seeds give equal batches.
-    """
-
-    def __init__(self, dataset: AnnotatedDataset, patch: int = 256, seed: int = 0, augment: bool = True,
-                 stain_augment: bool = True, unlabelled: Sequence[np.ndarray] | None = None,
-                 stain_sigma: tuple[float, float] = (0.1, 0.05), jitter: float = 0.1):
-        if len(dataset) == 0:
-            raise ValueError("PatchSampler needs a non-empty data set")
-        self.dataset, self.patch, self.augment = dataset, patch, augment
-        self.stain_augment, self.stain_sigma, self.jitter = stain_augment, stain_sigma, jitter
-        self.rng = np.random.default_rng(seed)
-        area = np.array([dataset[i]["mask"].size for i in range(len(dataset))], float)
-        self._p = area / area.sum()
-        self.unlabelled = UnlabelledTiles(unlabelled, patch, self.rng, augment) if unlabelled else None
-
-    def _one(self, with_inst: bool) -> dict[str, np.ndarray]:
-        rng, p = self.rng, self.patch
-        item = self.dataset[int(rng.choice(len(self._p), p=self._p))]
-        h, w = item["mask"].shape
-        y0, x0 = int(rng.integers(max(h - p, 0) + 1)), int(rng.integers(max(w - p, 0) + 1))
-        out = {k: _crop(v, y0, x0, p) for k, v in item.items() if k != "image" and (with_inst or k != "inst")}
-        img = _crop(np.moveaxis(item["image"], -1, 0), y0, x0, p)
-        if self.stain_augment:
-            img = np.moveaxis(_colour(np.moveaxis(img, 0, -1), rng, self.stain_sigma, self.jitter), -1, 0)
-        out["image"] = img
-        if self.augment:
-            out = dihedral_targets(out, int(rng.integers(4)), bool(rng.random() < 0.5))
-        return out
-
-    def get_state(self) -> dict:
-        """RNG state, so a resumed training run draws the batches it would have drawn."""
-        return self.rng.bit_generator.state
-
-    def set_state(self, state: dict) -> None:
-        self.rng.bit_generator.state = state
-
-    def sample(self, batch_size: int, with_inst: bool = False) -> dict[str, torch.Tensor]:
-        batch = _to_batch([self._one(with_inst) for _ in range(batch_size)])
-        if self.unlabelled is not None:
-            batch["unlabelled"] = self.unlabelled.sample(batch_size)["image"]
-        return batch
-
-
-def tiles(dataset: AnnotatedDataset, patch: int = 256, stride: int | None = None, batch_size: int = 8
-          ) -> Iterator[dict[str, torch.Tensor]]:
-    """Fixed, unaugmented crops covering every image (last ones flush with the edges, zero
-    padding for images smaller than ``patch``), batched like `PatchSampler.sample`."""
-    stride = stride or patch
-    buf: list[dict[str, np.ndarray]] = []
-    for i in range(len(dataset)):
-        item = dataset[i]
-        h, w = item["mask"].shape
-        for y0 in _starts(h, patch, stride):
-            for x0 in _starts(w, patch, stride):
-                crop = {k: _crop(v, y0, x0, patch) for k, v in item.items() if k not in ("image", "inst")}
-                crop["image"] = _crop(np.moveaxis(item["image"], -1, 0), y0, x0, patch)
-                buf.append(crop)
-                if len(buf) == batch_size:
-                    yield _to_batch(buf)
-                    buf = []
-    if buf:
-        yield _to_batch(buf)

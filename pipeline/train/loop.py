@@ -1,4 +1,4 @@
-"""Training: typed config, a resumable loop with early stopping, distillation, the model card.
+"""Training: a resumable loop with early stopping and distillation (config in `train.config`).
 
 The Prefect flow in flows/train.py only orchestrates these functions. The loop saves its
 whole state (weights, optimiser, scheduler, RNGs, best weights, patience) after every epoch
@@ -13,76 +13,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from nucleiflow.models import losses
 from nucleiflow.models.checkpoint import load_checkpoint
 from nucleiflow.models.registry import create_model
-from nucleiflow.pipeline.train.datasets import AnnotatedDataset, PatchSampler, read_splits, tiles, validation_split
+from nucleiflow.pipeline.train.config import DataConfig, TrainConfig
+from nucleiflow.pipeline.train.datasets import AnnotatedDataset, read_splits, validation_split
+from nucleiflow.pipeline.train.sampler import PatchSampler, tiles
 from nucleiflow.pipeline.train.unlabelled import unlabelled_tiles
-from nucleiflow.pipeline.config import config_hash
 from nucleiflow.pipeline.infer.device import pick_device
 from nucleiflow.pipeline.outputs.atomic import atomic_write
-
-
-class DataConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    root: str = Field(description="Data set in the shared/data layout (images/, labels/, splits.csv).")
-    val_fraction: float = Field(0.2, gt=0, lt=1)
-    names: list[str] | None = Field(None, description="Train on these train-split images only.")
-    eval_split: str = "test"
-    eval_names: list[str] | None = None
-
-
-class TeacherConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    model: str = Field(description="Registered checkpoint name or path.")
-    alpha: float = Field(0.5, ge=0, le=1, description="Weight of the student (label) loss.")
-    temperature: float = Field(1.0, gt=0)
-    unlabelled_slides: list[str] = Field(default_factory=list, description="Slides to cut unlabelled tiles from.")
-    unlabelled_tiles: int = Field(64, ge=0)
-    unlabelled_every: int = Field(2, ge=1, description="One unlabelled batch every N steps.")
-
-
-class LoopConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    epochs: int = Field(40, ge=1)
-    steps_per_epoch: int = Field(25, ge=1)
-    batch_size: int = Field(8, ge=1)
-    patch: int = Field(256, ge=32)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    patience: int = Field(8, ge=1, description="Epochs without validation improvement before stopping.")
-    max_minutes: float | None = Field(None, gt=0, description="Stop (and finish) after this long.")
-    seed: int = 0
-    stage_epochs: list[int] | None = Field(None, description="twostage: epochs of stage1, stage2, finetune.")
-
-
-class TrainConfig(BaseModel):
-    """One training run, as written in configs/*.yaml."""
-
-    model_config = ConfigDict(extra="forbid")
-    name: str
-    arch: str
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-    mpp: float = Field(0.5, gt=0)
-    data: DataConfig
-    train: LoopConfig = Field(default_factory=LoopConfig)
-    teacher: TeacherConfig | None = None
-    postprocess: dict[str, Any] = Field(default_factory=lambda: {"method": "hv"})
-    tune_postprocess: bool = Field(True, description="Choose thresholds on the validation images.")
-    out: str = Field(description="Checkpoint folder to write (model.safetensors + model.json).")
-    work: str = Field(description="Folder for resumable training state.")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    eval_tile_size: int = 512
-
-    def key(self) -> str:
-        """Hash of everything that shapes the trained weights (not where they go)."""
-        return config_hash(self.model_dump(exclude={"out", "device", "eval_tile_size", "tune_postprocess"}))
 
 
 def _loss(arch: str, out: dict, tgt: dict | None, teacher_out: dict | None, cfg: TrainConfig,
@@ -116,17 +59,22 @@ def _save_state(path: Path, state: dict) -> None:
         torch.save(state, tmp)
 
 
-def split_records(cfg: TrainConfig) -> tuple[list[str], list[str]]:
-    """(train names, validation names), carved from the train split only."""
-    records = [r for r in read_splits(cfg.data.root) if r.split == "train"]
-    if cfg.data.names:
+def split_data(d: DataConfig, seed: int) -> tuple[list[str], list[str]]:
+    """(train names, validation names) of one data set, carved from its train split only."""
+    records = [r for r in read_splits(d.root, d.group_by) if r.split == "train"]
+    if d.names:
         # A name outside the train split (a typo, or a test image) is an error, not skipped.
-        unknown = sorted(set(cfg.data.names) - {r.name for r in records})
+        unknown = sorted(set(d.names) - {r.name for r in records})
         if unknown:
-            raise ValueError(f"data.names not in the train split of {cfg.data.root}: {unknown}")
-        records = [r for r in records if r.name in set(cfg.data.names)]
-    train, val = validation_split(records, fraction=cfg.data.val_fraction, seed=cfg.train.seed)
+            raise ValueError(f"data.names not in the train split of {d.root}: {unknown}")
+        records = [r for r in records if r.name in set(d.names)]
+    train, val = validation_split(records, fraction=d.val_fraction, seed=seed)
     return [r.name for r in train], [r.name for r in val]
+
+
+def split_records(cfg: TrainConfig) -> list[tuple[list[str], list[str]]]:
+    """(train names, validation names) per data set of ``cfg.data``, in order."""
+    return [split_data(d, cfg.train.seed) for d in cfg.data]
 
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
@@ -135,14 +83,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     torch.manual_seed(cfg.train.seed)
     work = Path(cfg.work)
     work.mkdir(parents=True, exist_ok=True)
-    train_names, val_names = split_records(cfg)
-    log(f"data: {len(train_names)} train / {len(val_names)} validation images at {cfg.mpp} um/px")
-    train_ds = AnnotatedDataset(cfg.data.root, train_names, mpp=cfg.mpp)
-    val_ds = AnnotatedDataset(cfg.data.root, val_names, mpp=cfg.mpp)
-    sampler = PatchSampler(train_ds, patch=cfg.train.patch, seed=cfg.train.seed)
-    val_batches = list(tiles(val_ds, patch=cfg.train.patch, batch_size=cfg.train.batch_size))
-
+    splits, sampler, val_batches = _data(cfg, log)
     model = create_model(cfg.arch, **cfg.kwargs).to(device)
+    if cfg.init:
+        model.load_state_dict(load_checkpoint(cfg.init, map_location=device)[0].state_dict())
+        log(f"initial weights: {cfg.init}")
     teacher, unlabelled = _teacher(cfg, device, log)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.train.epochs, eta_min=cfg.train.lr * 0.05)
@@ -188,9 +133,27 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     model.eval()
     return {
         "model": model, "history": run.history, "epochs": len(run.history), "best_val": run.best_val,
-        "seconds": round(time.perf_counter() - t_start, 1), "train_names": train_names, "val_names": val_names,
+        "seconds": round(time.perf_counter() - t_start, 1),
+        "train_names": [n for t, _ in splits for n in t], "val_names": [n for _, v in splits for n in v],
+        "splits": splits, "sampled": dict(zip((d.root for d in cfg.data), sampler.counts)),
         "device": str(device), "hardware": hardware(device),
     }
+
+
+def _data(cfg: TrainConfig, log: Callable[[str], None]) -> tuple[list, PatchSampler, list[dict]]:
+    """(per-set (train, validation) names, the patch sampler over every set's train images,
+    fixed validation batches of every set)."""
+    splits = split_records(cfg)
+    train_sets, val_batches = [], []
+    for d, (train_names, val_names) in zip(cfg.data, splits):
+        log(f"data {d.root}: {len(train_names)} train / {len(val_names)} validation images at {cfg.mpp} um/px"
+            f" (weight {d.weight})")
+        train_sets.append(AnnotatedDataset(d.root, train_names, mpp=cfg.mpp))
+        val_ds = AnnotatedDataset(d.root, val_names, mpp=cfg.mpp)
+        val_batches += list(tiles(val_ds, patch=cfg.train.patch, batch_size=cfg.train.batch_size))
+    sampler = PatchSampler(train_sets, patch=cfg.train.patch, seed=cfg.train.seed,
+                           weights=[d.weight for d in cfg.data], aug=cfg.augment)
+    return splits, sampler, val_batches
 
 
 def _teacher(cfg: TrainConfig, device: torch.device, log: Callable[[str], None]):

@@ -6,7 +6,7 @@ import logging
 
 import numpy as np
 
-from nucleiflow.pipeline.train.datasets import UnlabelledTiles
+from nucleiflow.pipeline.train.sampler import UnlabelledTiles
 from nucleiflow.pipeline.slide.reader import SlideError, open_slide
 from nucleiflow.pipeline.slide.tissue import detect_tissue
 

@@ -14,8 +14,10 @@ from slidefiles import write_tiff
 from nucleiflow.pipeline.batch.manifest import expand_slides, read_manifest
 from nucleiflow.pipeline.postprocess.morphometry import nuclei_table
 from nucleiflow.pipeline.slide.reader import ArraySlide
-from nucleiflow.pipeline.batch.report import area_plot, slide_row, write_summary
-from nucleiflow.pipeline.outputs.overlays import draw_outlines, nuclei_overlay, overlay_mpp, parquet_rings
+from nucleiflow.pipeline.batch.report import area_bins, area_plot, debris_share, slide_row, write_summary, x_label
+from nucleiflow.pipeline.outputs.drawing import NUCLEUS, ZOOM_BOX, fill_rings, nice_length, scale_bar
+from nucleiflow.pipeline.outputs.overlays import (densest_window, draw_outlines, nuclei_overlay, overlay_mpp,
+                                                  parquet_rings)
 from nucleiflow.pipeline.outputs.atomic import write_json_atomic
 from nucleiflow.pipeline.outputs.geoparquet import GeoParquetWriter
 from nucleiflow.pipeline.outputs.layout import slide_paths
@@ -72,15 +74,65 @@ def test_parquet_rings_stream_level0_polygons_scaled(tmp_path):
     np.testing.assert_allclose([lo, hi], [[15, 10], [25, 15]], atol=0.6)  # (30..50, 20..30) / 2
 
 
-def test_nuclei_overlay_outlines_each_nucleus_on_the_thumbnail(tmp_path):
-    paths = tiny_slide_table(tmp_path, "s", mpp0=1.0)
-    reader = ArraySlide(np.full((40, 60, 3), 200, np.uint8), mpp=1.0)
-    png = nuclei_overlay(reader, paths["parquet"], tmp_path / "s" / "nuclei_overlay.png", min_mpp=1.0)
+def spread_slide_table(tmp_path: Path, sid: str = "s"):
+    """A 300 x 400 px slide at 1 um/px: two lone nuclei and a cluster of nine at top right."""
+    labels = np.zeros((300, 400), np.int32)
+    labels[200:212, 40:52] = 1
+    labels[240:252, 100:120] = 2
+    for i in range(9):
+        y, x = 20 + 14 * (i // 3), 320 + 14 * (i % 3)
+        labels[y:y + 10, x:x + 10] = 3 + i
+    table = nuclei_table(labels, np.full(labels.shape, 0.9, np.float32), mpp0=1.0, scale=1.0, ids=1)
+    paths = slide_paths(tmp_path, sid)
+    w = GeoParquetWriter(paths["parquet"], {"slide_id": sid})
+    w.write(table)
+    w.close()
+    return paths
+
+
+def test_densest_window_finds_the_cluster(tmp_path):
+    paths = spread_slide_table(tmp_path)
+    x0, y0 = densest_window(paths["parquet"], 400, 300, 100)
+    assert x0 <= 320 and x0 + 100 >= 358 and y0 <= 20 and y0 + 100 >= 58  # all nine inside
+    assert densest_window(paths["parquet"], 400, 300, 1000) == (0, 0)  # window larger than the slide
+
+
+def test_fill_rings_is_translucent_with_an_optional_edge():
+    img = Image.new("RGB", (20, 20), (120, 40, 140))  # haematoxylin-ish purple
+    assert fill_rings(img, [square_ring(4, 4, 14, 14)], alpha=110) == 1
+    inside, glass = np.array(img)[9, 9], np.array(img)[1, 1]
+    assert (glass == (120, 40, 140)).all()
+    assert inside[1] > 40 and inside[2] < 140 and not (inside == NUCLEUS).all()  # tinted, stain still shows
+    edged = Image.new("RGB", (20, 20), (120, 40, 140))
+    fill_rings(edged, [square_ring(4, 4, 14, 14)], outline=True)
+    assert (np.array(edged)[4, 9] == NUCLEUS).all()
+
+
+def test_scale_bar_length_is_round():
+    assert nice_length(57) == 50 and nice_length(0.3) == 0.2 and nice_length(1000) == 1000
+    img = Image.new("RGB", (500, 100), "white")
+    assert scale_bar(img, 2.0) == 200  # a fifth of 1000 um
+    black = np.flatnonzero((np.array(img) == 0).all(-1).any(0))
+    assert 95 <= black.max() - black.min() + 1 <= 110  # 100 px bar (label text may widen it a little)
+
+
+def test_nuclei_overlay_fills_nuclei_and_zooms_on_the_densest_tissue(tmp_path):
+    paths = spread_slide_table(tmp_path)
+    reader = ArraySlide(np.full((300, 400, 3), 200, np.uint8), mpp=1.0)
+    png = nuclei_overlay(reader, paths["parquet"], tmp_path / "s" / "nuclei_overlay.png", min_mpp=1.0,
+                         zoom_px=100, zoom_mpp=0.5)
     a = np.array(Image.open(png))
-    assert a.shape == (40, 60, 3)  # 1 um/px: the slide's own pixels
-    marked = (a != 200).any(-1)
-    assert marked[5, 7:13].all() and marked[22:28, 30].all()  # top edge of 1, left edge of 2 (corners cut)
-    assert not marked[8:12, 8:12].any() and not marked[35:, :].any()  # insides, glass
+    top, gap = 70, 16
+    assert a.shape == (top + 300, 400 + gap + 100, 3)  # title + legend band; whole | zoom
+    whole, zoom = a[top:, :400], a[top:top + 100, 400 + gap:]
+    assert (whole[205, 45] != 200).any() and whole[205, 45, 2] < whole[205, 45, 0]  # nucleus 1 tinted yellow
+    assert (whole[150, 200] == 200).all()  # glass
+    boxed = (whole == ZOOM_BOX).all(-1)
+    ys, xs = np.nonzero(boxed)
+    assert xs.min() >= 250 and ys.max() <= 110  # the zoom box sits on the cluster, not the lone two
+    # The zoom (50 um at 0.5 um/px) shows the cluster's nuclei 20 px wide, with yellow edges
+    # (about 76 px each): at least four of them.
+    assert (zoom == NUCLEUS).all(-1).sum() > 4 * 60
     assert overlay_mpp(100_000, 50_000, max_px=2000) == 50.0 and overlay_mpp(500, 800, min_mpp=1.0) == 1.0
 
 
@@ -107,7 +159,7 @@ def test_write_summary_reads_every_done_slide_and_draws_missing_overlays(tmp_pat
     areas = pq.read_table(slide_paths(tmp_path, "a")["parquet"], columns=["area_um2"])["area_um2"].to_numpy()
     assert float(rows[0]["nuclei_per_mm2"]) == 4.0 and float(rows[1]["nuclei_per_mm2"]) == 8.0
     assert float(rows[0]["median_area_um2"]) == pytest.approx(np.median(areas), rel=1e-5)
-    assert Image.open(png_path).size == (900, 520)
+    assert Image.open(png_path).size[1] == 520 and Image.open(png_path).size[0] > 900  # + the legend column
     assert (tmp_path / "a" / "nuclei_overlay.png").is_file() and (tmp_path / "b" / "nuclei_overlay.png").is_file()
 
 
@@ -126,3 +178,23 @@ def test_area_plot_draws_one_coloured_line_per_slide():
     img = np.array(area_plot({"a": rng.normal(40, 5, 500), "b": rng.normal(80, 5, 500)}))
     for colour in ((31, 119, 180), (255, 127, 14)):
         assert (img == colour).all(-1).sum() > 100
+
+
+def test_area_plot_legend_fits_debris_is_shaded_and_counted():
+    rng = np.random.default_rng(0)
+    long_name = "TCGA-AA-1234-01Z-00-DX1.a-very-long-slide-name"
+    areas = {long_name: np.concatenate([rng.uniform(1, 4.9, 80), rng.normal(40, 5, 920)])}
+    assert debris_share(areas[long_name]) == pytest.approx(0.08)
+    img = np.array(area_plot(areas))
+    assert (img[:, -12:] == 255).all()  # a white margin right of the longest legend entry: nothing cut
+    assert ((img == 228).all(-1)).sum() > 1000  # the grey debris band under 5 um2
+
+
+def test_area_plot_says_what_its_axis_clips():
+    rng = np.random.default_rng(1)
+    body = rng.normal(40, 5, 995)
+    tail = np.concatenate([body, np.full(5, 900.0)])  # 0.5%: past the 99th percentile the axis ends at
+    end = area_bins({"s": tail})[-1]
+    assert end == 100
+    assert x_label(tail, end) == "nucleus area (um2); axis ends at 100 um2: 0.5% of nuclei are larger, not shown"
+    assert x_label(body, end) == "nucleus area (um2)"

@@ -195,3 +195,13 @@ def test_a_batch_killed_three_times_resumes_to_the_clean_result(manifest, clean,
         assert (folder / "nuclei_overlay.png").is_file()
     assert (out / "summary.csv").is_file() and (out / "summary.png").is_file()
     print("timings (s):", {k: round(v, 1) for k, v in timings.items()})
+
+
+def test_tta_changes_the_config_key_only_when_on():
+    """TTA changes results, so a slide done without it is not 'done' with it; off (1) keeps
+    the keys of runs made before the option existed."""
+    from nucleiflow.pipeline.config import SegmentConfig
+
+    base = SegmentConfig()
+    assert SegmentConfig(tta=1).key() == base.key()
+    assert SegmentConfig(tta=4).key() != base.key()

@@ -49,7 +49,8 @@ from nucleiflow.pipeline.slide.reader import ArraySlide
 from nucleiflow.pipeline.tiles.stitch import MemoryMerger
 from nucleiflow.pipeline.train.targets import hv_maps
 from nucleiflow.pipeline.tiles.plan import plan_tiles
-from nucleiflow.pipeline.train.loop import TrainConfig, train
+from nucleiflow.pipeline.train.config import TrainConfig
+from nucleiflow.pipeline.train.loop import train
 
 REPO = Path(__file__).resolve().parents[2]
 ORACLE_IMAGE = "TCGA-2Z-A9J9-01A-01-TS1"  # MoNuSeg test image, 0.25 um/px, 575 nuclei
@@ -348,8 +349,9 @@ def segment_memory(reader, predictor, tile, halo, origin=(0, 0)):
     return np.array(polys, dtype=object), stats
 
 
-@pytest.mark.parametrize("oracle, model_mpp", [("hv-maps", 0.25), ("dark-conv", 0.25), ("dark-conv", 0.3)])
-def test_seams_two_tile_sizes_and_a_shifted_grid_give_the_same_nuclei(shared_data, oracle, model_mpp):
+@pytest.mark.parametrize("oracle, model_mpp, tta", [("hv-maps", 0.25, 1), ("dark-conv", 0.25, 1), ("dark-conv", 0.3, 1),
+                                                   ("dark-conv", 0.3, 8)])
+def test_seams_two_tile_sizes_and_a_shifted_grid_give_the_same_nuclei(shared_data, oracle, model_mpp, tta):
     # model_mpp 0.3 on a 0.25 um/px slide: 1.2 level-0 px per model px, so tiles start between
     # level-0 pixels (with rounded read origins: 54-69% matched, duplicates). 1.2 is also
     # free of PIL BOX ties (k * 1.2 is never m + 1/2; see test_stitching).
@@ -359,7 +361,8 @@ def test_seams_two_tile_sizes_and_a_shifted_grid_give_the_same_nuclei(shared_dat
         pred = Predictor(Decode(), {"mpp": model_mpp, "postprocess": {"method": "hv"}}, device="cpu")
     else:
         reader = ArraySlide(read_png(image), 0.25)
-        pred = Predictor(Dark(), {"mpp": model_mpp, "postprocess": {"method": "distance"}}, device="cpu")
+        # tta: flipped/rotated views of every tile, turned back and averaged (seams must hold)
+        pred = Predictor(Dark(), {"mpp": model_mpp, "postprocess": {"method": "distance"}}, device="cpu", tta=tta)
     base, stats = segment_memory(reader, pred, 256, 64)
     assert stats.tiles == 16 and stats.halo_edge_nuclei == 0 and len(base) > 400
     assert max_overlap(base) <= 0.1, "no duplicates in one run"

@@ -19,7 +19,8 @@ from nucleiflow.models.checkpoint import bundled_names, load_checkpoint, save_ch
 from nucleiflow.pipeline.train.evaluation import METRICS, evaluate
 from nucleiflow.pipeline.infer.predictor import Predictor
 from nucleiflow.pipeline.train.card import build_card
-from nucleiflow.pipeline.train.loop import TrainConfig, train
+from nucleiflow.pipeline.train.config import TrainConfig
+from nucleiflow.pipeline.train.loop import train
 
 NUCLEIFLOW = Path(sys.executable).with_name("nucleiflow")
 TRAIN = ["TCGA-18-5592-01Z-00-DX1", "TCGA-21-5784-01Z-00-DX1", "TCGA-21-5786-01Z-00-DX1"]

@@ -81,6 +81,22 @@ def stop(proc: subprocess.Popen, sig: int, timeout: float = 30) -> None:
             pass
 
 
+def wait_for_flow_processes(worker_pid: int, timeout: float = 60) -> None:
+    """Wait until the worker has no flow-run process (`python -m prefect.engine`) left."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        cmdlines = []
+        for pid in descendants(worker_pid):
+            try:
+                cmdlines.append(Path(f"/proc/{pid}/cmdline").read_bytes())
+            except OSError:
+                pass
+        if not any(b"prefect.engine" in c for c in cmdlines):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"flow-run process of worker {worker_pid} still running after {timeout} s")
+
+
 def run(cmd: str, env: dict, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
     """One shell command line from the doc (``env`` puts the venv's bin first on PATH)."""
     return subprocess.run(cmd, shell=True, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
@@ -131,13 +147,16 @@ def prefect_server(tmp_path):
 
 @pytest.fixture
 def worker(prefect_server, tmp_path):
-    """Pool + deployment (the doc's commands), then a process worker for the pool."""
+    """Pool + deployment (the doc's commands), then a process worker for the pool; yields
+    the environment and the worker process."""
     env = prefect_server
     r = run(f"prefect work-pool create {POOL} --type process", env, tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     r = run(f"nucleiflow deploy --pool {POOL} --name nightly --model golo", env, tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "segment-slides/nightly" in r.stdout
+    # The printed worker command is the README's: one batch at a time.
+    assert f"prefect worker start --pool {POOL} --type process --limit 1" in r.stdout
     dep = api(env, "/deployments/name/segment-slides/nightly")
     # The installed module, no pull step: nothing in the deployment names this checkout.
     assert dep["entrypoint"] == "nucleiflow.flows.segment.segment_slides" and not dep["pull_steps"]
@@ -148,7 +167,7 @@ def worker(prefect_server, tmp_path):
     proc = subprocess.Popen(shlex.split(f"prefect worker start --pool {POOL} --type process --limit 1"),
                             env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     try:
-        yield env
+        yield env, proc
     finally:
         stop(proc, signal.SIGINT)  # SIGTERM is ignored by the worker
         log.close()
@@ -176,7 +195,7 @@ def test_deploy_command_says_what_is_wrong_in_one_line():
 # -- the real thing -------------------------------------------------------------------
 @pytest.mark.slow
 def test_nightly_deployment_runs_a_batch_with_a_corrupt_slide(worker, tmp_path, cmu_slide, tcga_slide):
-    env = worker
+    env, worker_proc = worker
     manifest = tmp_path / "tonight.csv"
     manifest.write_text(f"path,mpp\n{tcga_slide},{TCGA_MPP}\n")
     corrupt = tmp_path / "corrupt.svs"
@@ -196,7 +215,12 @@ def test_nightly_deployment_runs_a_batch_with_a_corrupt_slide(worker, tmp_path, 
     # One bad slide: the batch finishes (its report is written, below) in a Failed state
     # that names the slide, so `--watch` exits 1 and alerts keyed on state types fire.
     assert state["type"] == "FAILED" and "corrupt" in state["message"], f"{state} after {seconds:.0f} s\n{logs}"
+    assert state["name"] == "Failed", state  # the standard name: the UI's filters and counts use it
     assert r.returncode == 1, logs
+    # The deployment's runs filtered on the Failed type (what the UI's views do) list this night.
+    failed_runs = api(env, "/flow_runs/filter", {"flow_runs": {
+        "deployment_id": {"any_": [flow_run["deployment_id"]]}, "state": {"type": {"any_": ["FAILED"]}}}})
+    assert [fr["id"] for fr in failed_runs] == [run_id.group(1)]
     assert flow_run["parameters"]["model"] == "golo"  # the deployment's default, not given in the run
 
     reports = sorted(out.glob("batch-*.json"))
@@ -212,16 +236,26 @@ def test_nightly_deployment_runs_a_batch_with_a_corrupt_slide(worker, tmp_path, 
     assert str(corrupt) in bad["reason"] and "\n" not in bad["reason"]
     assert report["failed"] == 1 and report["done"] == 2
 
-    # The reason is in the flow run's logs too (the Prefect UI shows them).
-    # The run process ships its logs in batches, possibly after the state changed: poll a bit.
-    deadline = time.monotonic() + 15
-    while True:
-        messages = [m["message"] for m in api(env, "/logs/filter", {
-            "logs": {"flow_run_id": {"any_": [run_id.group(1)]}}, "limit": 200})]
-        if any(bad["reason"] in m for m in messages) or time.monotonic() > deadline:
-            break
-        time.sleep(1)
-    assert any(bad["reason"] in m for m in messages), messages
+    # The reason is in the flow run's logs too (the Prefect UI shows them), exactly once, and
+    # no traceback: the flow-run process flushes its logs when it exits, so wait for that.
+    wait_for_flow_processes(worker_proc.pid)
+    messages = [m["message"] for m in api(env, "/logs/filter", {
+        "logs": {"flow_run_id": {"any_": [run_id.group(1)]}}, "limit": 200})]
+    assert sum(bad["reason"] in m for m in messages) == 1, messages
+    for noise in ("Traceback", "Engine execution", "NoneType: None", "Unexpected result"):
+        assert not [m for m in messages if noise in m], (noise, messages)
+        assert noise not in (tmp_path / "worker.log").read_text(), noise
+
+    # The run page's artifacts: the batch table, and one progress bar per segmented slide.
+    artifacts = api(env, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id.group(1)]}}})
+    (table,) = [a for a in artifacts if a["type"] == "table"]
+    assert table["key"] == "nucleiflow-batch"
+    table_rows = {row["slide_id"]: row for row in json.loads(table["data"])}
+    assert table_rows["corrupt"]["status"] == "failed" and table_rows["corrupt"]["reason"] == bad["reason"]
+    assert {sid: row["nuclei"] for sid, row in table_rows.items()} == {sid: row["nuclei"] for sid, row in rows.items()}
+    progress = sorted(a["description"] for a in artifacts if a["type"] == "progress")
+    assert len(progress) == 2 and all(a["data"] == 100 for a in artifacts if a["type"] == "progress"), artifacts
+    assert [p.split(":")[0] for p in progress] == sorted(good), progress
 
     # geopandas: one table for the batch, rows for the two good slides only.
     table = gpd.read_parquet(out / "nuclei")

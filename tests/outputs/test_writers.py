@@ -201,8 +201,22 @@ def test_omezarr_reads_with_ome_zarr(batch):
     labels = {n.zarr.path.rstrip("/").rsplit("/", 1)[-1]: n for n in nodes if any(isinstance(s, Label) for s in n.specs)}
     assert set(labels) == {"nuclei", "tissue"}
     assert labels["nuclei"].data[0].dtype == np.int32 and int(labels["nuclei"].data[0].max()) > ID0
-    assert labels["tissue"].data[0].shape == (10, 13)
-    assert labels["tissue"].metadata["coordinateTransformations"][0][0]["scale"] == [4.0, 4.0]
+    # NGFF 0.4: a label has the image's levels (MUST) and dimensions (SHOULD), scale for scale.
+    for name in ("nuclei", "tissue"):
+        assert [d.shape for d in labels[name].data] == [d.shape for d in image.data], name
+        assert labels[name].metadata["coordinateTransformations"] == image.metadata["coordinateTransformations"]
+    assert all(int(np.asarray(d).min()) == 1 for d in labels["tissue"].data)  # the fixture's mask is all tissue
+
+
+def test_tissue_label_is_upsampled_nearest_to_every_level(tmp_path):
+    tissue = np.array([[1, 0, 0], [0, 1, 1]], bool)  # 3 x 2 cells of 8 um
+    w = OmeZarrWriter(tmp_path / "m.ome.zarr", (32, 48), mpp=0.5, chunk=16, tissue=tissue, tissue_mpp=8.0)
+    w.close()
+    lv = [zarr.open_array(tmp_path / "m.ome.zarr" / "labels" / "tissue" / str(k), mode="r") for k in range(3)]
+    assert [a.shape for a in lv] == [(32, 48), (16, 24), (8, 12)] and lv[0].chunks == (16, 16)
+    np.testing.assert_array_equal(lv[0][:], np.kron(tissue, np.ones((16, 16), np.uint8)))  # 16 px per 8 um cell
+    np.testing.assert_array_equal(lv[2][:], np.kron(tissue, np.ones((4, 4), np.uint8)))
+    assert not (tmp_path / "m.ome.zarr" / "labels" / "tissue" / "0" / "0" / "1").exists()  # no tissue: not stored
 
 
 def test_core_must_be_chunk_aligned(tmp_path):

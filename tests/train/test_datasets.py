@@ -9,16 +9,8 @@ import torch
 from PIL import Image
 from skimage.draw import disk
 
-from nucleiflow.pipeline.train.datasets import (
-    AnnotatedDataset,
-    PatchSampler,
-    UnlabelledTiles,
-    load_image,
-    read_splits,
-    resample_labels,
-    tiles,
-    validation_split,
-)
+from nucleiflow.pipeline.train.datasets import AnnotatedDataset, load_image, read_splits, resample_labels, validation_split
+from nucleiflow.pipeline.train.sampler import PatchSampler, UnlabelledTiles, tiles
 from nucleiflow.pipeline.train.targets import hv_maps
 
 MONUSEG_TRAIN = ["TCGA-18-5592-01Z-00-DX1", "TCGA-21-5784-01Z-00-DX1"]
@@ -218,3 +210,58 @@ def test_tiles_pad_small_images(tiny):
     assert b["image"].shape == (1, 3, 80, 80)
     assert b["mask"][0, 0, 48:].sum() == 0 and b["mask"][0, 0, :48, :64].sum() == ds[0]["mask"].sum()
 
+
+
+# -- several data sets, grouped validation, robustness augmentations ----------------------
+def test_validation_split_holds_out_whole_patients(shared_data):
+    recs = [r for r in read_splits(shared_data / "tnbc", group_by="patient") if r.split == "train"]
+    train, val = validation_split(recs, fraction=0.2, seed=0)
+    assert {r.group for r in train}.isdisjoint({r.group for r in val})
+    assert len(val) >= round(0.2 * len(recs)) and len(train) + len(val) == len(recs)
+    assert validation_split(recs, fraction=0.2, seed=0) == (train, val)
+
+
+def test_read_splits_group_column_must_exist(tiny):
+    with pytest.raises(ValueError, match="patient"):
+        read_splits(tiny, group_by="patient")
+
+
+def test_sampler_draws_from_each_data_set_by_weight(real_set, shared_data):
+    tnbc = AnnotatedDataset(shared_data / "tnbc", ["tnbc_01_1", "tnbc_02_1"], mpp=0.5)
+    s = PatchSampler([real_set, tnbc], patch=64, seed=0, weights=[1, 3])
+    s.sample(40)
+    assert sum(s.counts) == 40 and s.counts[1] > s.counts[0] > 0
+    only = PatchSampler([real_set, tnbc], patch=64, seed=0, weights=[0, 1])
+    only.sample(5)
+    assert only.counts == [0, 5]
+    with pytest.raises(ValueError, match="weights"):
+        PatchSampler([real_set, tnbc], weights=[1])
+
+
+def test_scale_blur_jpeg_focus_keep_targets_consistent(real_set):
+    from nucleiflow.pipeline.train.augment import AugmentConfig
+
+    aug = AugmentConfig(scale=0.2, blur_p=1.0, jpeg_p=1.0, focus=1.0)
+    b = PatchSampler(real_set, patch=96, seed=3, aug=aug).sample(8, with_inst=True)
+    assert b["image"].shape == (8, 3, 96, 96) and b["hv"].abs().max() <= 1.0
+    assert set(b["mask"].unique().tolist()) <= {0.0, 1.0}
+    # Nearest resampling keeps masks and instances in step; focus puts nuclei in every patch.
+    assert torch.equal(b["mask"][:, 0] > 0, b["inst"] > 0)
+    assert (b["mask"].flatten(1).sum(1) > 0).all()
+    plain = PatchSampler(real_set, patch=96, seed=3, aug=AugmentConfig()).sample(8)
+    assert not torch.equal(plain["image"], b["image"])
+
+
+def test_resize_patch_and_degrade_shapes():
+    from nucleiflow.pipeline.train.augment import AugmentConfig, degrade, resize_patch
+
+    img = np.random.default_rng(0).integers(0, 255, (3, 120, 120), dtype=np.uint8)
+    inst = np.zeros((120, 120), np.int32)
+    inst[10:40, 10:40] = 7
+    out_img, out = resize_patch(img, {"inst": inst}, 100)
+    assert out_img.shape == (3, 100, 100) and out_img.dtype == np.uint8
+    assert set(np.unique(out["inst"])) == {0, 7} and 600 < (out["inst"] == 7).sum() < 650
+    rng = np.random.default_rng(1)
+    deg = degrade(img, rng, AugmentConfig(blur_p=1.0, jpeg_p=1.0))
+    assert deg.shape == img.shape and deg.dtype == np.uint8 and deg.std() < img.std()
+    assert degrade(img, rng, AugmentConfig()) is img  # nothing asked, nothing done

@@ -26,7 +26,8 @@ from nucleiflow.pipeline.train.datasets import read_splits
 from nucleiflow.pipeline.train.unlabelled import unlabelled_tiles
 from nucleiflow.pipeline.train.evaluation import METRICS
 from nucleiflow.pipeline.train.card import build_card
-from nucleiflow.pipeline.train.loop import TrainConfig, split_records, train
+from nucleiflow.pipeline.train.config import TrainConfig
+from nucleiflow.pipeline.train.loop import split_records, train
 
 NUCLEIFLOW = Path(sys.executable).with_name("nucleiflow")
 # Four MoNuSeg train images (validation is carved from these) and one test image to score.
@@ -185,12 +186,12 @@ def test_validation_is_carved_from_train_only(first_run, shared_data):
 def test_split_records_whole_train_split(shared_data, tmp_path):
     """Without data.names: a fifth of the 30 train images, none of the 14 test images."""
     cfg = TrainConfig.model_validate(config(shared_data, tmp_path, data={"names": None, "val_fraction": 0.2}))
-    trained, val = split_records(cfg)
-    splits = {r.name: r.split for r in read_splits(cfg.data.root)}
+    [(trained, val)] = split_records(cfg)
+    splits = {r.name: r.split for r in read_splits(cfg.primary.root)}
     train_split = {n for n, s in splits.items() if s == "train"}
     assert len(val) == round(0.2 * len(train_split))
     assert set(trained) | set(val) == train_split and not set(trained) & set(val)
-    assert split_records(cfg) == (trained, val)  # deterministic for a seed
+    assert split_records(cfg) == [(trained, val)]  # deterministic for a seed
 
 
 # -- kill and resume ----------------------------------------------------------------------
@@ -373,4 +374,27 @@ def test_read_config_accepts_the_ci_config(shared_data, tmp_path):
     from nucleiflow.flows.train import read_config
 
     cfg = read_config(write(config(shared_data, tmp_path), tmp_path / "ok.yaml"))
-    assert cfg.data.names == NAMES[:3] and cfg.train.epochs == 3
+    assert cfg.primary.names == NAMES[:3] and cfg.train.epochs == 3
+
+
+# -- several data sets ----------------------------------------------------------------------
+def test_trains_on_two_data_sets_through_the_config(shared_data, tmp_path):
+    """`data` as a list: both sets are sampled, validation is carved from each (TNBC by
+    patient), and the card records both."""
+    tnbc = ["tnbc_01_1", "tnbc_01_2", "tnbc_02_1", "tnbc_02_2"]
+    raw = config(shared_data, tmp_path, train={"epochs": 1, "steps_per_epoch": 3, "batch_size": 4},
+                 augment={"scale": 0.2, "blur_p": 0.5, "jpeg_p": 0.5, "focus": 0.5})
+    raw["data"] = [raw["data"], {"root": str(shared_data / "tnbc"), "names": tnbc, "group_by": "patient",
+                                 "val_fraction": 0.5, "weight": 1.0, "eval_split": "test"}]
+    cfg = TrainConfig.model_validate(raw)
+    result, log = quiet(cfg)
+    sampled = result["sampled"]
+    assert set(sampled) == {str(shared_data / "monuseg"), str(shared_data / "tnbc")}
+    assert all(n > 0 for n in sampled.values()) and sum(sampled.values()) == 3 * 4
+    (_, _), (tnbc_train, tnbc_val) = result["splits"]
+    patients = lambda names: {n.split("_")[1] for n in names}  # noqa: E731
+    assert tnbc_val and patients(tnbc_train).isdisjoint(patients(tnbc_val))
+    card = build_card(cfg, result, None, {"np": 2, "hv": 2})
+    assert [s["root"] for s in card["data"]["sets"]] == list(sampled)
+    assert [s["patches_sampled"] for s in card["data"]["sets"]] == list(sampled.values())
+    assert card["training"]["augment"]["scale"] == 0.2

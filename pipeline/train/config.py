@@ -1,0 +1,81 @@
+"""Typed training configuration, as written in configs/*.yaml (`nucleiflow train CONFIG`)."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from nucleiflow.pipeline.config import config_hash
+from nucleiflow.pipeline.train.augment import AugmentConfig
+
+
+class DataConfig(BaseModel):
+    """One annotated data set of a training run (``data:`` is one of these or a list)."""
+
+    model_config = ConfigDict(extra="forbid")
+    root: str = Field(description="Data set in the shared/data layout (images/, labels/, splits.csv).")
+    weight: float = Field(1.0, ge=0, description="Share of training patches drawn from this set (relative).")
+    group_by: str | None = Field(None, description="splits.csv column (e.g. patient): validation holds out whole groups.")
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    names: list[str] | None = Field(None, description="Train on these train-split images only.")
+    eval_split: str = "test"
+    eval_names: list[str] | None = None
+
+
+class TeacherConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(description="Registered checkpoint name or path.")
+    alpha: float = Field(0.5, ge=0, le=1, description="Weight of the student (label) loss.")
+    temperature: float = Field(1.0, gt=0)
+    unlabelled_slides: list[str] = Field(default_factory=list, description="Slides to cut unlabelled tiles from.")
+    unlabelled_tiles: int = Field(64, ge=0)
+    unlabelled_every: int = Field(2, ge=1, description="One unlabelled batch every N steps.")
+
+
+class LoopConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    epochs: int = Field(40, ge=1)
+    steps_per_epoch: int = Field(25, ge=1)
+    batch_size: int = Field(8, ge=1)
+    patch: int = Field(256, ge=32)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    patience: int = Field(8, ge=1, description="Epochs without validation improvement before stopping.")
+    max_minutes: float | None = Field(None, gt=0, description="Stop (and finish) after this long.")
+    seed: int = 0
+    stage_epochs: list[int] | None = Field(None, description="twostage: epochs of stage1, stage2, finetune.")
+
+
+class TrainConfig(BaseModel):
+    """One training run, as written in configs/*.yaml."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    arch: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    mpp: float = Field(0.5, gt=0)
+    data: list[DataConfig] = Field(description="One data set or a list; the first is the primary one.")
+    train: LoopConfig = Field(default_factory=LoopConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    init: str | None = Field(None, description="Checkpoint (name or path) whose weights training starts from.")
+    teacher: TeacherConfig | None = None
+    postprocess: dict[str, Any] = Field(default_factory=lambda: {"method": "hv"})
+    tune_postprocess: bool = Field(True, description="Choose thresholds on the validation images.")
+    out: str = Field(description="Checkpoint folder to write (model.safetensors + model.json).")
+    work: str = Field(description="Folder for resumable training state.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    eval_tile_size: int = 512
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, dict) else v
+
+    @property
+    def primary(self) -> DataConfig:
+        """The first data set: its eval split is the card's headline metrics."""
+        return self.data[0]
+
+    def key(self) -> str:
+        """Hash of everything that shapes the trained weights (not where they go)."""
+        return config_hash(self.model_dump(exclude={"out", "device", "eval_tile_size", "tune_postprocess"}))
