@@ -17,6 +17,10 @@ from nucleiflow.pipeline.config import DEFAULT_HALO, DEFAULT_MODEL, DEFAULT_TILE
 # Offline machines: no telemetry (its background writes also contend for Prefect's SQLite).
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# Prefect waits 20 s for its temporary API server; on a loaded box (2 cores, training next
+# door) it once took longer and the batch died before any slide. Users may still set it.
+STARTUP_TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+os.environ.setdefault(STARTUP_TIMEOUT_ENV, "180")
 
 app = typer.Typer(
     help="Whole-slide H&E nuclei segmentation: inspect, segment, train, evaluate.",
@@ -76,6 +80,9 @@ def inspect(
         fail(f"{slide}: {e}")
     facts = info.to_dict()
     facts.update(tissue_fraction=round(tissue.fraction, 4), tile_count=len(plan))
+    if tissue.warning:
+        facts["warning"] = tissue.warning
+        typer.echo(f"nucleiflow: warning: {slide}: {tissue.warning}", err=True)
     if as_json:
         typer.echo(json.dumps(facts))
         return
@@ -135,7 +142,7 @@ def evaluate(
         typer.echo(f"{'image':<28} " + " ".join(f"{k:>6}" for k in METRICS))
     try:
         res = run_evaluate(predictor, data, split=split, tile_size=tile_size, halo=halo, progress=progress)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     res["model"] = model
     if as_json:
@@ -199,6 +206,9 @@ def segment(
     ),
     tta: int = typer.Option(1, "--tta", min=1, max=8,
                             help="Test-time augmentation: average the maps of this many flipped/rotated views."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace results of another slide (or a changed scan) under the same id."
+    ),
 ) -> None:
     """Segment slides into OME-Zarr masks and GeoParquet nuclei; one Prefect flow run.
 
@@ -213,21 +223,31 @@ def segment(
     from nucleiflow.pipeline.batch.manifest import expand_slides
 
     try:
-        check_model(model)
+        check_model(model)  # card and weights, before Prefect starts
     except (KeyError, FileNotFoundError, ValueError) as e:  # ValueError: a card that does not validate
         fail(str(e).strip("'\""))
     try:
-        expand_slides(slides, mpp=mpp)  # fail fast on an empty glob or a bad manifest
+        expand_slides(slides, mpp=mpp)  # fail fast on an empty glob, a bad manifest, bad ids, --mpp 50
         check_output(out)
     except (ValueError, OSError) as e:
         fail(str(e))
-    report = run_batch(
-        slides=slides, out=str(out), model=model, device=device, mpp=mpp, tile_size=tile_size, halo=halo,
-        batch_size=batch_size, readers=readers, workers=workers, dask_address=dask_address, tta=tta,
-    )
+    try:
+        report = run_batch(
+            slides=slides, out=str(out), model=model, device=device, mpp=mpp, tile_size=tile_size, halo=halo,
+            batch_size=batch_size, readers=readers, workers=workers, dask_address=dask_address,
+            tta=tta, overwrite=overwrite,
+        )
+    except RuntimeError as e:
+        if "ephemeral Prefect API server" not in str(e):
+            raise
+        fail(f"Prefect's temporary API server did not start within {os.environ.get(STARTUP_TIMEOUT_ENV)} s "
+             f"(a busy machine?); no slide was started. Re-run, raise {STARTUP_TIMEOUT_ENV}, or start "
+             "`prefect server start` and set PREFECT_API_URL")
     typer.echo("")
     for line in format_report(report):
         typer.echo(line)
+    if report.get("report_error"):  # the slides' outputs stand; the record of the batch does not
+        fail(report["report_error"], code=3)
     raise typer.Exit(1 if report["failed"] else 0)
 
 

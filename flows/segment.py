@@ -38,7 +38,7 @@ from prefect.states import Completed, Failed, State
 
 from nucleiflow.models.checkpoint import CARD, WEIGHTS, model_hash, resolve
 from nucleiflow.pipeline.config import DEFAULT_MODEL, SegmentConfig
-from nucleiflow.pipeline.infer.predictor import Predictor, load_card, load_predictor
+from nucleiflow.pipeline.infer.predictor import Predictor, check_weights, load_card, load_predictor
 from nucleiflow.pipeline.batch.manifest import SlideJob, expand_slides
 from nucleiflow.pipeline.batch.run_slide import segment_slide
 from nucleiflow.pipeline.slide.reader import SlideError
@@ -63,12 +63,14 @@ def _predictor(model: str, device: str, tta: int = 1) -> tuple[Predictor, str]:
 
 def check_model(model: str) -> None:
     """Fail fast, before any slide, when the model cannot be found (KeyError /
-    FileNotFoundError) or its card does not validate (CardError, a ValueError)."""
+    FileNotFoundError), its card does not validate (CardError, a ValueError) or its weights
+    do not load (CardError: a truncated file was every slide's traceback)."""
     folder = resolve(model)
     missing = [n for n in (CARD, WEIGHTS) if not (folder / n).is_file()]
     if missing:
         raise FileNotFoundError(f"{folder} is not a checkpoint: missing {', '.join(missing)}")
     load_card(folder)
+    check_weights(folder)
 
 
 def check_output(out: str | os.PathLike) -> Path:
@@ -199,6 +201,7 @@ def segment_slides(
     workers: int = 1,
     dask_address: str | None = None,
     tta: int = 1,
+    overwrite: bool = False,
 ) -> dict | State:
     """Segment a batch of slides (paths, globs, folders or a CSV manifest) into ``out``.
 
@@ -211,7 +214,7 @@ def segment_slides(
     check_model(model)
     kw = {k: v for k, v in {"tile_size": tile_size, "halo": halo}.items() if v is not None}
     cfg = SegmentConfig(model=model, device=device, mpp=None, batch_size=batch_size, readers=readers,
-                        workers=workers, tta=tta, **kw)
+                        workers=workers, tta=tta, overwrite=overwrite, **kw)
     jobs = expand_slides(slides, mpp=mpp)
     check_output(out)
     where = f" on Dask at {dask_address}" if dask_address else ""
@@ -232,11 +235,17 @@ def segment_slides(
               "model": model, "config": cfg.model_dump(), "dask_address": dask_address, "slides": rows,
               "seconds": round((dt.datetime.now().astimezone() - started).total_seconds(), 1),
               "summary": summary, **counts}
-    report["report"] = str(write_json_atomic(Path(out) / name, report))
+    try:
+        report["report"] = str(write_json_atomic(Path(out) / name, report))
+    except OSError as e:  # e.g. the disk filled up with the last slide: still print the table
+        report.update(report=None, report_error=f"batch report {Path(out) / name} not written: {failure_reason(e)}")
+        logger.error(report["report_error"])
     _table_artifact(report, logger)
     # The counts only: each failure's reason was logged once by its task, the table is an
     # artifact (the run page) and printed by the CLI (the terminal).
     logger.info(format_report(report)[-1])
+    if report["report"] is None:  # a standard Failed state (alerts), the report as its data
+        return Failed(message=report["report_error"], data=SlidesFailed(report))
     if counts["failed"]:
         failed = SlidesFailed(report)
         return Failed(message=str(failed), data=failed)

@@ -37,8 +37,9 @@ class SegmentConfig(BaseModel):
     workers: int = Field(1, ge=0, le=64, description="Post-processing processes; 0 = in-process.")
     tissue_mpp: float = Field(TISSUE_MPP, gt=0)
     tta: int = Field(1, ge=1, le=8, description="Test-time augmentation: views averaged per tile (1 = off).")
+    overwrite: bool = Field(False, description="Replace another slide's results under the same id.")
 
-    def key(self, exclude: tuple[str, ...] = ("device", "batch_size", "readers", "workers")) -> str:
+    def key(self, exclude: tuple[str, ...] = ("device", "batch_size", "readers", "workers", "overwrite")) -> str:
         """Hash of the fields that change results (not the ones that only change speed)."""
         data = self.model_dump(exclude=set(exclude))
         if data.get("tta") == 1:  # off: keys stay those of runs made before TTA existed

@@ -4,8 +4,11 @@ from __future__ import annotations
 import csv
 import glob
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
+
+from nucleiflow.pipeline.slide.reader import SlideError, check_mpp
 
 SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm"}
 
@@ -19,14 +22,41 @@ class SlideJob:
     mpp: float | None = None
 
 
+MAX_ID = 128  # hive folder "slide_id=<id>" and temp names must stay under the 255-byte name limit
+# Names the batch folder uses itself: a slide there would write into the hive root or a report.
+RESERVED_IDS = {"nuclei", "summary.csv", "summary.png"}
+ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
 def slide_id_for(path: str | Path) -> str:
-    """A folder- and hive-safe id from the file name: 'CMU-1 (copy).svs' -> 'CMU-1_copy_'."""
+    """A folder- and hive-safe id from the file name: 'CMU-1 (copy).svs' -> 'CMU-1_copy_',
+    'Ünï.svs' -> 'Uni'. ValueError when the name loses most of itself (non-Latin scripts):
+    such ids would be meaningless and collide."""
     stem = Path(path).name
     for suffix in sorted(SLIDE_SUFFIXES, key=len, reverse=True):
         if stem.lower().endswith(suffix):
             stem = stem[: -len(suffix)]
             break
-    sid = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).lstrip("._") or "slide"
+    folded = unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode()  # accents off
+    sid = re.sub(r"[^A-Za-z0-9._-]+", "_", folded).lstrip("._-")
+    kept = sum(c.isalnum() for c in sid)
+    if kept == 0 or kept * 2 < sum(c.isalnum() for c in stem):
+        raise ValueError(f"{path}: the file name gives no usable output id (only {sid!r} is left of {stem!r}); "
+                         "name the slide in a manifest's slide_id column (A-Z, a-z, 0-9, '.', '_', '-')")
+    return sid
+
+
+def check_id(sid: str, source: str) -> str:
+    """``sid`` if it can name the slide's folder and hive partition in a batch, else ValueError."""
+    if not ID_RE.fullmatch(sid):
+        raise ValueError(f"{source}: slide id {sid!r} must start with a letter or digit and hold only "
+                         "A-Z, a-z, 0-9, '.', '_', '-' (no '=', '/', spaces); rename it in the manifest")
+    if len(sid) > MAX_ID:
+        raise ValueError(f"{source}: slide id {sid[:24]!r}... is {len(sid)} characters, more than {MAX_ID}; "
+                         "give a shorter slide_id in a manifest")
+    if sid.lower() in RESERVED_IDS:
+        raise ValueError(f"{source}: slide id {sid!r} is reserved for the batch's own outputs "
+                         f"({', '.join(sorted(RESERVED_IDS))}); give another slide_id in a manifest")
     return sid
 
 
@@ -54,6 +84,11 @@ def read_manifest(path: Path) -> list[SlideJob]:
             raise ValueError(f"{path}:{i}: mpp {mpp_text!r} is not a number") from None
         if mpp is not None and not mpp > 0:
             raise ValueError(f"{path}:{i}: mpp must be positive, got {mpp_text}")
+        if mpp is not None:
+            try:
+                check_mpp(mpp, f"{path}:{i}")
+            except SlideError as e:
+                raise ValueError(str(e)) from None
         jobs.append(SlideJob(str(p), r.get("slide_id") or slide_id_for(p), mpp))
     return jobs
 
@@ -67,13 +102,19 @@ def expand_slides(items: list[str] | str, mpp: float | None = None) -> list[Slid
     """
     if isinstance(items, str):
         items = [items]
+    if mpp is not None:
+        try:
+            check_mpp(mpp, "--mpp")
+        except SlideError as e:
+            raise ValueError(str(e)) from None
     jobs: list[SlideJob] = []
     for item in items:
         p = Path(item)
         if p.suffix.lower() == ".csv" and p.is_file():
             jobs += [j if j.mpp is not None else SlideJob(j.path, j.slide_id, mpp) for j in read_manifest(p)]
         elif p.is_dir() and not any(p.name.lower().endswith(s) for s in (".mrxs",)):
-            found = sorted(q for q in p.iterdir() if q.suffix.lower() in SLIDE_SUFFIXES)
+            # Not dotfiles: macOS leaves '._name.tif' resource forks beside copied slides.
+            found = sorted(q for q in p.iterdir() if q.suffix.lower() in SLIDE_SUFFIXES and not q.name.startswith("."))
             jobs += [SlideJob(str(q), slide_id_for(q), mpp) for q in found]
         elif glob.has_magic(item):
             found = sorted(glob.glob(item))
@@ -84,8 +125,10 @@ def expand_slides(items: list[str] | str, mpp: float | None = None) -> list[Slid
             jobs.append(SlideJob(item, slide_id_for(item), mpp))
     seen: dict[str, SlideJob] = {}
     for j in jobs:
-        if j.slide_id in seen and seen[j.slide_id].path != j.path:
-            raise ValueError(f"two slides map to the output id {j.slide_id!r}: {seen[j.slide_id].path} and {j.path}; "
+        check_id(j.slide_id, j.path)
+        key = j.slide_id.casefold()  # 'A' and 'a' share a folder on macOS and Windows disks
+        if key in seen and seen[key].path != j.path:
+            raise ValueError(f"two slides map to the output id {j.slide_id!r}: {seen[key].path} and {j.path}; "
                              "give one a slide_id in a manifest")
-        seen.setdefault(j.slide_id, j)
+        seen.setdefault(key, j)
     return list(seen.values())

@@ -43,7 +43,7 @@ def format_report(report: dict) -> list[str]:
         tissue = "-" if r.get("tissue_mm2") is None else f"{r['tissue_mm2']:.2f}"
         secs = "-" if r.get("seconds") is None else f"{r['seconds']:.1f}"
         lines.append(f"{r['slide_id']:<32} {r['status']:<8} {nuclei:>8} {tissue:>10} {secs:>8}  {r.get('reason') or ''}")
-    lines.append(", ".join(f"{report[s]} {s}" for s in STATUSES) + f"; report: {report.get('report', '-')}")
+    lines.append(", ".join(f"{report[s]} {s}" for s in STATUSES) + f"; report: {report.get('report') or 'NOT WRITTEN'}")
     return lines
 
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from nucleiflow.pipeline.batch.claims import Claim, SlideBusy, acquire
 from nucleiflow.pipeline.batch.cleanup import clean_partial, tidy_done, unpublish
+from nucleiflow.pipeline.batch.guard import check_same_slide, count_files, damage, read_record
 from nucleiflow.pipeline.batch.manifest import SlideJob
 from nucleiflow.pipeline.outputs.overlays import OVERLAY_NAME, nuclei_overlay
 from nucleiflow.pipeline.config import SegmentConfig
@@ -81,7 +82,7 @@ def segment_slide(
         key = run_key(info.fingerprint, model_hash, f"{cfg.key()}@{info.mpp_x:.6g}")
         paths = slide_paths(out, job.slide_id)
         base = {"slide_id": job.slide_id, **key, "path": str(job.path)}
-        if is_done(paths["run_json"], key):
+        if _intact_done(paths, key, log):
             log(f"{job.slide_id}: already done with this slide, model and config; skipping")
             tidy_done(out, job.slide_id, log)
             return {**base, "status": "skipped"}
@@ -92,11 +93,25 @@ def segment_slide(
             return {**base, "status": "busy", "reason": str(e)}
         with claim:
             # Another worker may have finished it between our look and our claim.
-            if is_done(paths["run_json"], key):
+            if _intact_done(paths, key, None):
                 log(f"{job.slide_id}: finished by another worker meanwhile; skipping")
                 return {**base, "status": "skipped"}
-            return _segment_claimed(_Slide(job, out, cfg, predictor, model_hash, reader, key, claim, log, t0,
+            check_same_slide(read_record(paths["run_json"]), info.fingerprint, job.path,
+                             paths["run_json"].parent, cfg.overwrite)
+            damaged = is_done(paths["run_json"], key)  # done with this key, yet not intact
+            record = _segment_claimed(_Slide(job, out, cfg, predictor, model_hash, reader, key, claim, log, t0,
                                             progress))
+            return {**record, "reason": "redone: its outputs were damaged"} if damaged else record
+
+
+def _intact_done(paths: dict[str, Path], key: dict, log) -> bool:
+    """Done with ``key`` and its files still match run.json; logs why a done slide is redone."""
+    if not is_done(paths["run_json"], key):
+        return False
+    why = damage(read_record(paths["run_json"]) or {}, paths)
+    if why is not None and log is not None:
+        log(f"{paths['run_json'].parent.name}: done before, but its outputs are damaged ({why}); redoing it")
+    return why is None
 
 
 @dataclass
@@ -202,6 +217,8 @@ def _record(s: _Slide, tissue: TissueMask, plan: TilePlan, stats: SegmentStats) 
         "model": s.cfg.model, "config": s.cfg.model_dump(), "model_mpp": plan.mpp,
         "slide": s.reader.info.to_dict(), "tissue_fraction": tissue.fraction, "tissue_mm2": tissue_mm2,
         "tiles": stats.tiles, "nuclei": stats.nuclei, "halo_edge_nuclei": stats.halo_edge_nuclei,
+        **({"reason": f"warning: {tissue.warning}"} if tissue.warning else {}),  # shown in the table
+        "zarr_files": count_files(s.paths["zarr"]),  # lets a later skip notice a lost chunk
         "timings_s": {**s.timings, **{f"tiles_{k}": v for k, v in stats.timer.seconds.items()},
                       "total": time.perf_counter() - s.t0},
         "outputs": {k: str(v) for k, v in s.paths.items()},

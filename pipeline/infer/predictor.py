@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from nucleiflow.models.checkpoint import CARD, load_checkpoint, resolve
+from nucleiflow.models.checkpoint import CARD, WEIGHTS, load_checkpoint, resolve
 from nucleiflow.models.outputs import to_maps
 from nucleiflow.models.tta import tta_maps
-from nucleiflow.pipeline.config import ModelCard
+from nucleiflow.pipeline.config import CardError, ModelCard
 from nucleiflow.pipeline.infer.device import pick_device
 
 
@@ -100,8 +100,21 @@ def load_card(name_or_path: str | os.PathLike) -> ModelCard:
     return ModelCard.load(folder / CARD)
 
 
+def check_weights(name_or_path: str | os.PathLike) -> torch.nn.Module:
+    """The checkpoint's model with its weights loaded; CardError naming model.safetensors
+    when they do not load (truncated file, shapes that do not fit the card's kwargs)."""
+    folder = resolve(name_or_path)
+    try:
+        net, _ = load_checkpoint(folder)
+    except Exception as e:  # noqa: BLE001 - safetensors / torch errors have no common type
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CardError(f"{folder / WEIGHTS}: cannot load the weights ({first}); "
+                        "copy the checkpoint again or retrain it") from None
+    return net
+
+
 def load_predictor(name_or_path: str | os.PathLike, device: str = "auto", tta: int = 1) -> Predictor:
     """Validate the card first (a clear error, not a TypeError in a worker), then load."""
     card = load_card(name_or_path)
-    net, _ = load_checkpoint(name_or_path)
+    net = check_weights(name_or_path)
     return Predictor(net, card, device=device, tta=tta)

@@ -28,6 +28,26 @@ class SlideError(Exception):
     """A slide cannot be used. The message is one line: the file, the reason, what to do."""
 
 
+# Level-0 um/px of real brightfield scans: ~0.1-0.25 at 60-40x, 0.5 at 20x, 1-2 at 10-5x.
+# Outside this, tags or --mpp are wrong, and the plan would be absurd (50 um/px plans 36k
+# tiles for a 2000 px slide; 0.001 shrinks every nucleus below a pixel).
+MPP_RANGE = (0.05, 2.0)
+
+
+def check_mpp(mpp: float, where: str, size: tuple[int, int] | None = None, source: str = "override") -> float:
+    """``mpp`` if plausible for a slide scan, else SlideError with the numbers and the fix."""
+    lo, hi = MPP_RANGE
+    if lo <= mpp <= hi:
+        return mpp
+    extent = (f"; the {size[0]}x{size[1]} px slide would be {size[0] * mpp / 1000:.3g} x "
+              f"{size[1] * mpp / 1000:.3g} mm") if size else ""
+    fix = ("pass the scan's real --mpp (or a manifest mpp)" if source == "metadata"
+           else "fix --mpp or the manifest's mpp column")
+    said = "its metadata says" if source == "metadata" else "given"
+    raise SlideError(f"{where}: {mpp:g} um/px ({said}) is not a plausible slide resolution "
+                     f"({lo:g}-{hi:g}; 0.25 at 40x, 0.5 at 20x){extent}; {fix}")
+
+
 @dataclass(frozen=True)
 class SlideInfo:
     """Facts about one slide. Sizes in level-0 px; ``mpp_x/y`` in um/px at level 0.
@@ -202,6 +222,8 @@ class OpenSlideReader(SlideReader):
                 raise SlideError(f"{self.path}: no microns-per-pixel in the slide metadata; pass --mpp "
                                  "(e.g. --mpp 0.25) or an mpp column in the manifest")
             mpp_x, mpp_y = mpp_x or mpp_y, mpp_y or mpp_x
+        for m in (mpp_x, mpp_y):
+            check_mpp(m, str(self.path), s.dimensions, "override" if self._mpp is not None else "metadata")
         try:
             fingerprint = self._fingerprint()
         except openslide.OpenSlideError as e:

@@ -39,6 +39,7 @@ class TissueMask:
 
     mask: np.ndarray
     mpp: float
+    warning: str | None = None  # why the slide cannot be segmented as H&E (see colour_warning)
 
     @property
     def fraction(self) -> float:
@@ -131,4 +132,21 @@ def tissue_mask(rgb: np.ndarray, mpp: float, min_object_um2: float = MIN_OBJECT_
 
 def detect_tissue(reader: SlideReader, mpp: float = 8.0) -> TissueMask:
     """Tissue mask of a whole slide from its thumbnail at ``mpp`` um/px."""
-    return TissueMask(tissue_mask(reader.thumbnail(mpp), mpp), mpp)
+    thumb = reader.thumbnail(mpp)
+    return TissueMask(tissue_mask(thumb, mpp), mpp, colour_warning(thumb))
+
+
+GREY_CHROMA = 8  # max - min of R, G, B (0-255) under which a pixel has no colour (JPEG noise)
+
+
+def colour_warning(rgb: np.ndarray) -> str | None:
+    """A warning when the thumbnail has content but no colour anywhere (a greyscale scan):
+    tissue and nuclei are found by their stain, so such a slide ends with 0 nuclei."""
+    content = rgb.max(-1) < 200  # darker than glass
+    if content.mean() < 0.01:
+        return None  # blank glass: nothing to warn about, 0 nuclei is right
+    chroma = rgb.max(-1).astype(np.int16) - rgb.min(-1)
+    if np.percentile(chroma[content], 99) >= GREY_CHROMA:
+        return None
+    return ("the slide is greyscale (no colour in its content): tissue and nuclei are found by their H&E "
+            "stain, so nothing is segmented; scan it in colour or check it is an H&E slide")

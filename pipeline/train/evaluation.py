@@ -38,6 +38,10 @@ def evaluate(
     missing = sorted(set(names or ()) - {r.name for r in records})
     if missing:  # else the "named held-out set" on a model card would quietly be a smaller one
         raise ValueError(f"{root}: not in split {split!r}: {missing}")
+    absent = [p for r in records for p in (r.image_path, r.label_path) if not p.is_file()]
+    if absent:  # before any image is segmented: a data set without labels/ is not scorable
+        raise ValueError(f"{absent[0]}: not found ({len(absent)} image/label files of split {split!r} missing); "
+                         "evaluate needs images/<name>.png and labels/<name>.png (instance labels) per image")
     rows = []
     for rec in records:
         rgb, truth = read_pair(rec)
