@@ -65,7 +65,7 @@ def ci_model(tmp_path_factory, shared_data) -> tuple[Predictor, str, Path]:
     root = tmp_path_factory.mktemp("ci-model")
     base = read_config(REPO / "configs" / "ci.yaml").model_dump()
     base.update(out=str(root / "checkpoint"), work=str(root / "work"), device="cpu")
-    base["data"]["root"] = str(shared_data / "monuseg")
+    base["data"][0]["root"] = str(shared_data / "monuseg")  # `data` is a list of data sets
     base["train"]["epochs"] = 1
     cfg = TrainConfig.model_validate(base)
     result = train(cfg, log=lambda msg: None)
