@@ -5,13 +5,9 @@ Models:
 * ``ci_model``: a student trained for real on ``configs/ci.yaml`` (one short epoch). Its
   maps are poor (when written, it called every pixel a nucleus: one window-sized blob per
   tile, useless for seams) but deterministic: it drives the batch read-back tests.
-* "oracles": seams and label/table agreement need nuclei that look like nuclei, so there
-  the "model" is a fixed, translation-equivariant function of the slide's pixels:
-  - ``Decode``: the slide *encodes* a MoNuSeg ground truth's maps (red = 255 - 255 * NP,
-    green/blue = HV, their magnitude varied smoothly over the slide as a model's would),
-    and the model decodes them: the real HV-watershed runs on HoVer-Net-like maps;
-  - ``Dark``: fixed convolutions on a real H&E tile (grey level, 5x5 mean, threshold),
-    post-processed with the distance watershed.
+* the ``Decode`` oracle (tests/oracles.py): label/table agreement needs nuclei that look
+  like nuclei, so there the "model" decodes ground-truth maps the slide encodes. The seam
+  tests with both oracles are in tests/tiles/test_seams.py.
 """
 from __future__ import annotations
 
@@ -30,8 +26,8 @@ import pytest
 import shapely
 import torch
 import zarr
-from PIL import Image
-from scipy import ndimage as ndi
+from oracles import ORACLE_IMAGE, Decode, encode_maps, read_png
+from polygons import max_overlap
 from slidefiles import write_tiff
 
 from nucleiflow.flows.train import read_config
@@ -43,17 +39,11 @@ from nucleiflow.pipeline.infer.predictor import Predictor
 from nucleiflow.pipeline.batch.manifest import SlideJob
 from nucleiflow.pipeline.train.card import build_card
 from nucleiflow.pipeline.outputs.omezarr import OmeZarrWriter
-from nucleiflow.pipeline.infer.segment_reader import segment_reader
 from nucleiflow.pipeline.batch.run_slide import segment_slide
-from nucleiflow.pipeline.slide.reader import ArraySlide
-from nucleiflow.pipeline.tiles.stitch import MemoryMerger
-from nucleiflow.pipeline.train.targets import hv_maps
-from nucleiflow.pipeline.tiles.plan import plan_tiles
 from nucleiflow.pipeline.train.config import TrainConfig
 from nucleiflow.pipeline.train.loop import train
 
 REPO = Path(__file__).resolve().parents[2]
-ORACLE_IMAGE = "TCGA-2Z-A9J9-01A-01-TS1"  # MoNuSeg test image, 0.25 um/px, 575 nuclei
 RUN_KEYS = {"slide_id", "status", "slide_fingerprint", "model_hash", "config_key", "nuclei", "tiles",
             "halo_edge_nuclei", "timings_s", "versions", "model_mpp", "slide", "tissue_mm2", "outputs"}
 
@@ -74,48 +64,6 @@ def ci_model(tmp_path_factory, shared_data) -> tuple[Predictor, str, Path]:
     folder = save_checkpoint(result["model"], cfg.out, build_card(cfg, result, None, outputs))
     net, card = load_checkpoint(folder)
     return Predictor(net, card, device="cpu"), model_hash(folder), folder
-
-
-class Decode(torch.nn.Module):
-    """Oracle: NP probability = 1 - red, HV = green/blue rescaled to [-1, 1]."""
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        p = (1 - x[:, :1]).clamp(1e-4, 1 - 1e-4)
-        return {"mask": torch.logit(p), "hv": x[:, 1:] * 2 - 1}
-
-
-class Dark(torch.nn.Module):
-    """Oracle on real H&E: fixed convolutions, nucleus where the 5x5 mean grey is < 0.5."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.grey = torch.nn.Conv2d(3, 1, 1, bias=False)
-        self.blur = torch.nn.Conv2d(1, 1, 5, padding=2, bias=False, padding_mode="replicate")
-        with torch.no_grad():
-            self.grey.weight[:] = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-            self.blur.weight[:] = 1 / 25
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"mask": 25 * (0.5 - self.blur(self.grey(x)))}
-
-
-def encode_maps(gt: np.ndarray, amplitude: float = 0.8) -> np.ndarray:
-    """(H, W, 3) uint8 image whose pixels are the NP and HV maps of labels ``gt``.
-
-    Glass (white, what readers give past the slide edge) decodes as background. The HV
-    magnitude is scaled by a smooth field in [1 - amplitude, 1], so per-tile min-max
-    normalisation in the HV watershed sees different ranges in different tiles.
-    """
-    field = ndi.gaussian_filter(np.random.default_rng(0).normal(size=gt.shape), 40)
-    field = 1 - amplitude * (field - field.min()) / (field.max() - field.min())
-    hv = hv_maps(gt) * field
-    red = np.where(gt > 0, 0, 255)
-    return np.stack([red, np.rint((hv[0] + 1) * 127.5), np.rint((hv[1] + 1) * 127.5)], -1).astype(np.uint8)
-
-
-def read_png(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.array(im.convert("RGB") if im.mode not in ("I;16", "I") else im)
 
 
 # -- slides ---------------------------------------------------------------------------
@@ -316,62 +264,6 @@ def test_nucleus_id_is_the_label_under_each_polygon(oracle_run):
     cx = (np.bincount(labels[ys, xs], xs + 0.5) / np.maximum(n, 1))[table["nucleus_id"]] * scale
     assert np.median(np.abs(cx - table["centroid_x"])) < 0.5
     assert max_overlap(geoms) <= 0.1
-
-
-# -- seams ----------------------------------------------------------------------------
-def match_rate(a: np.ndarray, b: np.ndarray, iou: float = 0.9) -> float:
-    """Fraction of polygons of ``a`` with a polygon of ``b`` at IoU >= ``iou``."""
-    ia, ib = shapely.STRtree(b).query(a, predicate="intersects")
-    inter = shapely.area(shapely.intersection(a[ia], b[ib]))
-    best = np.zeros(len(a))
-    np.maximum.at(best, ia, inter / (shapely.area(a[ia]) + shapely.area(b[ib]) - inter))
-    return float((best >= iou).mean())
-
-
-def max_overlap(geoms: np.ndarray) -> float:
-    """Largest intersection of two polygons as a fraction of the smaller one's area."""
-    i, j = shapely.STRtree(geoms).query(geoms, predicate="intersects")
-    i, j = i[i < j], j[i < j]
-    if len(i) == 0:
-        return 0.0
-    inter = shapely.area(shapely.intersection(geoms[i], geoms[j]))
-    return float((inter / np.minimum(shapely.area(geoms[i]), shapely.area(geoms[j]))).max())
-
-
-def segment_memory(reader, predictor, tile, halo, origin=(0, 0)):
-    """Polygons (level-0) and stats of one in-memory run with the given grid."""
-    info = reader.info
-    plan = plan_tiles(info.width, info.height, info.mpp_x, predictor.card.mpp, tile_size=tile, halo=halo,
-                      origin=origin)
-    polys = []
-    stats = segment_reader(reader, plan, predictor, MemoryMerger(plan.height, plan.width),
-                           on_tile=lambda tn, off: polys.extend(tn.table["geometry"]))
-    return np.array(polys, dtype=object), stats
-
-
-@pytest.mark.parametrize("oracle, model_mpp, tta", [("hv-maps", 0.25, 1), ("dark-conv", 0.25, 1), ("dark-conv", 0.3, 1),
-                                                   ("dark-conv", 0.3, 8)])
-def test_seams_two_tile_sizes_and_a_shifted_grid_give_the_same_nuclei(shared_data, oracle, model_mpp, tta):
-    # model_mpp 0.3 on a 0.25 um/px slide: 1.2 level-0 px per model px, so tiles start between
-    # level-0 pixels (with rounded read origins: 54-69% matched, duplicates). 1.2 is also
-    # free of PIL BOX ties (k * 1.2 is never m + 1/2; see test_stitching).
-    image = shared_data / "monuseg" / ("labels" if oracle == "hv-maps" else "images") / f"{ORACLE_IMAGE}.png"
-    if oracle == "hv-maps":
-        reader = ArraySlide(encode_maps(read_png(image).astype(np.int32)), 0.25)
-        pred = Predictor(Decode(), {"mpp": model_mpp, "postprocess": {"method": "hv"}}, device="cpu")
-    else:
-        reader = ArraySlide(read_png(image), 0.25)
-        # tta: flipped/rotated views of every tile, turned back and averaged (seams must hold)
-        pred = Predictor(Dark(), {"mpp": model_mpp, "postprocess": {"method": "distance"}}, device="cpu", tta=tta)
-    base, stats = segment_memory(reader, pred, 256, 64)
-    assert stats.tiles == 16 and stats.halo_edge_nuclei == 0 and len(base) > 400
-    assert max_overlap(base) <= 0.1, "no duplicates in one run"
-    for tile, origin in ((384, (0, 0)), (256, (100, 37))):
-        other, stats = segment_memory(reader, pred, tile, 64, origin)
-        assert stats.halo_edge_nuclei == 0
-        rates = match_rate(base, other), match_rate(other, base)
-        assert min(rates) >= 0.99, f"tile {tile} origin {origin}: matched {rates}"
-        assert max_overlap(other) <= 0.1
 
 
 # -- resume and failures ----------------------------------------------------------------

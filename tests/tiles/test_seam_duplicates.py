@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import shapely
+from polygons import overlaps
 
 from nucleiflow.pipeline.config import DEFAULT_HALO, DEFAULT_TILE, TISSUE_MPP
 from nucleiflow.pipeline.infer.predictor import load_predictor
@@ -21,14 +22,6 @@ from nucleiflow.pipeline.slide.reader import open_slide
 from nucleiflow.pipeline.slide.tissue import detect_tissue
 from nucleiflow.pipeline.tiles.plan import plan_slide, plan_tiles
 from nucleiflow.pipeline.tiles.stitch import MemoryMerger
-
-
-def overlaps(geoms: np.ndarray) -> np.ndarray:
-    """Intersection / smaller area of every intersecting pair of polygons."""
-    i, j = shapely.STRtree(geoms).query(geoms, predicate="intersects")
-    i, j = i[i < j], j[i < j]
-    inter = shapely.area(shapely.intersection(geoms[i], geoms[j]))
-    return inter / np.minimum(shapely.area(geoms[i]), shapely.area(geoms[j]))
 
 
 def run(reader, plan) -> tuple[pd.DataFrame, np.ndarray]:
