@@ -40,10 +40,12 @@ from nucleiflow.models.checkpoint import CARD, WEIGHTS, model_hash, resolve
 from nucleiflow.pipeline.config import DEFAULT_MODEL, SegmentConfig
 from nucleiflow.pipeline.infer.predictor import Predictor, check_weights, load_card, load_predictor
 from nucleiflow.pipeline.batch.manifest import SlideJob, expand_slides
+from nucleiflow.pipeline.batch.guard import read_record
 from nucleiflow.pipeline.batch.run_slide import segment_slide
 from nucleiflow.pipeline.slide.reader import SlideError
 from nucleiflow.pipeline.batch.report import STATUSES, format_report, write_summary
 from nucleiflow.pipeline.outputs.atomic import write_json_atomic
+from nucleiflow.pipeline.outputs.layout import slide_paths
 from nucleiflow.flows.failures import SlidesFailed, quiet_expected_failures
 from nucleiflow.flows.progress import SlideProgress
 
@@ -261,6 +263,20 @@ def _table_artifact(report: dict, logger) -> None:
         create_table_artifact(table=table, key="nucleiflow-batch", description=format_report(report)[-1])
     except Exception as e:  # noqa: BLE001 - the report file is written; the UI copy is a convenience
         logger.warning(f"batch table artifact not created: {e}")
+
+
+def unfinished(jobs: list[SlideJob], out: str | os.PathLike, model: str, cfg: SegmentConfig) -> list[str]:
+    """Slide ids of ``jobs`` with no finished run in ``out`` for ``model`` and ``cfg``'s
+    key (what an interrupted batch left to do; the slide's own mpp, the rest of the key,
+    is not checked: that needs the slide opened)."""
+    mhash, key = model_hash(resolve(model)), cfg.key()
+    left = []
+    for job in jobs:
+        rec = read_record(slide_paths(out, job.slide_id)["run_json"]) or {}
+        if not (rec.get("status") == "done" and rec.get("model_hash") == mhash
+                and str(rec.get("config_key", "")).startswith(f"{key}@")):
+            left.append(job.slide_id)
+    return left
 
 
 def batch_report(state: State) -> dict:

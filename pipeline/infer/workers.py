@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 
+from nucleiflow.pipeline.lifeline import worker_init
 from nucleiflow.pipeline.slide.reader import SlideReader
 from nucleiflow.pipeline.slide.stain import StainReference, normalise
 from nucleiflow.pipeline.tiles.plan import Tile, TilePlan
@@ -48,6 +49,7 @@ _STAIN: StainReference | None = None
 
 def _init_reader(reader: SlideReader, stain: dict | None) -> None:
     global _READER, _STAIN
+    worker_init()  # Ctrl-C is the owner's to handle; end with the owner (pipeline.lifeline)
     _READER = reader
     _STAIN = StainReference.from_dict(stain) if stain else None
 
@@ -81,6 +83,7 @@ _POST: PostprocessConfig | None = None
 
 def _init_post(plan: TilePlan, post: PostprocessConfig) -> None:
     global _PLAN, _POST
+    worker_init()
     _PLAN, _POST = plan, post
 
 
