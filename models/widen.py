@@ -37,7 +37,8 @@ def _conv(dst: nn.Conv2d, src: nn.Conv2d, in_map: Tensor, out_map: Tensor | None
         w = w[out_map]
     if noise:
         w = w + noise * w.std() * torch.randn(w.shape, generator=gen, dtype=w.dtype)
-    dst.weight.copy_(w)
+    dst.weight.zero_()  # inputs src lacks (extra input channels) get zero weights
+    dst.weight[:, : w.shape[1]].copy_(w)
     if src.bias is not None:
         dst.bias.copy_(src.bias if out_map is None else src.bias[out_map])
 
@@ -70,13 +71,17 @@ def _block(dst: DoubleConv, src: DoubleConv, in_map: Tensor, out_map: Tensor, no
 
 
 def widen_unet(src: UNet, dst: UNet, noise: float = 1e-2, seed: int = 0) -> UNet:
-    """Copy trained `src` into the wider `dst` (same depth, heads, norm, up mode) in place.
+    """Copy trained `src` into the wider `dst` (same depth, norm, up mode) in place.
 
     With noise=0 and both in eval mode, dst(x) equals src(x) up to float rounding. `noise`
-    is relative to each weight tensor's std. Returns `dst`.
+    is relative to each weight tensor's std. Extra input channels of `dst` (GoLo's local
+    stage adds the coarse probability to RGB) start with zero weights, so they change
+    nothing until trained. Heads of `dst` that `src` lacks keep their fresh initialisation;
+    an "np" head becomes a "mask" head as the logit difference of its two classes (softmax
+    of two logits = sigmoid of their difference). Returns `dst`.
     """
-    if src.depth != dst.depth or src.outputs != dst.outputs or src.in_channels != dst.in_channels:
-        raise ValueError("widen_unet needs the same depth, heads and input channels")
+    if src.depth != dst.depth or src.in_channels > dst.in_channels:
+        raise ValueError("widen_unet needs the same depth and at least src's input channels")
     gen = torch.Generator().manual_seed(seed)
     c_src = [b[0].out_channels for b in src.down]
     c_dst = [b[0].out_channels for b in dst.down]
@@ -96,8 +101,20 @@ def widen_unet(src: UNet, dst: UNet, noise: float = 1e-2, seed: int = 0) -> UNet
         _block(d.conv, s.conv, cat_map, out_maps[i], noise, gen)
         in_map = out_maps[i]
     for name, head in dst.heads.items():
-        _conv(head, src.heads[name], in_map, None, 0.0, gen)
+        if name in src.heads:
+            _conv(head, src.heads[name], in_map, None, 0.0, gen)
+        elif name == "mask" and "np" in src.heads:
+            _conv(head, _logit_difference(src.heads["np"]), in_map, None, 0.0, gen)
     return dst
+
+
+def _logit_difference(np_head: nn.Conv2d) -> nn.Conv2d:
+    """A 1-channel conv computing logit 1 - logit 0 of a 2-class head."""
+    out = nn.Conv2d(np_head.in_channels, 1, 1)
+    with torch.no_grad():
+        out.weight.copy_(np_head.weight[1:2] - np_head.weight[0:1])
+        out.bias.copy_(np_head.bias[1:2] - np_head.bias[0:1])
+    return out
 
 
 @torch.no_grad()

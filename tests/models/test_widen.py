@@ -64,3 +64,25 @@ def test_training_init_widens_a_narrower_checkpoint(tmp_path) -> None:
     assert (wide(x)["np"] - small(x)["np"]).abs().max().item() < 0.05
     same = Student(base_channels=8, depth=2)
     assert "widened" not in initial_weights(same, str(tmp_path / "small"))
+
+
+def test_golo_with_hv_heads_starts_as_the_student(tmp_path) -> None:
+    """GoLo's local stage carries NP + HV; initialised from a student it computes the
+    student's maps (zero weight on the coarse input; context ring wide enough)."""
+    from nucleiflow.models.golo import GoLo
+    from nucleiflow.models.outputs import postprocess_method
+    torch.manual_seed(0)
+    student = _trained(Student(base_channels=8, depth=2))
+    save_checkpoint(student, tmp_path / "s", {"name": "s", "arch": "student",
+                                              "kwargs": {"base_channels": 8, "depth": 2}, "mpp": 0.5})
+    golo = GoLo(base_channels=8, depth=2, crop=32, context=16, hv=True)
+    assert set(golo.outputs) == {"np", "hv", "coarse"} and postprocess_method(golo.outputs) == "hv"
+    assert "GoLo" in initial_weights(golo, str(tmp_path / "s"))
+    golo.eval()
+    x = torch.rand(1, 3, 64, 64)
+    g, s = golo(x), student(x)
+    assert set(g) == {"np", "hv", "coarse"}
+    # Crops see 16 px of context, not the whole tile: compare away from the crop borders.
+    inner = (slice(None), slice(None), slice(8, 24), slice(8, 24))
+    torch.testing.assert_close(g["np"][inner], s["np"][inner], atol=0.05, rtol=0.05)
+    assert torch.isfinite(g["coarse"]).all()
