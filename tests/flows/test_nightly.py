@@ -6,7 +6,7 @@ work pool, `nucleiflow deploy`, a process worker, then `prefect deployment run
 file: a CSV manifest gives it) and a text file named .svs. The outputs
 are read back with geopandas and zarr; the batch report and the flow run's logs must name
 the corrupt slide with its reason. Everything started here is stopped in the finalisers,
-the worker with SIGINT (it ignores SIGTERM).
+the worker with SIGINT (Prefect's worker turns SIGTERM into a first SIGINT, which alone does not stop it).
 """
 from __future__ import annotations
 
