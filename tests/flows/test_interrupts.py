@@ -82,9 +82,10 @@ def assert_all_gone(procs: list[tuple[int, str]], within_s: float = 10) -> None:
     while alive(procs):
         if time.monotonic() > deadline:
             left = alive(procs)
+            names = [cmdline(pid)[:90] for pid in left]
             for pid in left:  # do not leave them to the next test
                 os.kill(pid, signal.SIGKILL)
-            pytest.fail(f"still alive {within_s} s after: {[cmdline(p)[:90] for p in left]}")
+            pytest.fail(f"still alive {within_s} s after: {names}")
         time.sleep(0.1)
 
 
