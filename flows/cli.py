@@ -193,6 +193,15 @@ def _short_log_lines() -> None:
         os.environ.setdefault(f"PREFECT_LOGGING_FORMATTERS_STANDARD_{key}", value)
 
 
+def _processes(option: str, value: str, most: int) -> int | str:
+    """``auto`` or a process count 0..most (exit 2 otherwise)."""
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) > most:
+        fail(f"{option} must be auto or a number of processes 0-{most}, not {value!r}")
+    return int(value)
+
+
 @app.command()
 def segment(
     slides: list[str] = typer.Argument(..., help="Slide paths, globs, folders or CSV manifests (path[,mpp][,slide_id])."),
@@ -203,8 +212,10 @@ def segment(
     tile_size: int = typer.Option(DEFAULT_TILE, "--tile-size", help="Tile core edge in model px (= Zarr chunk)."),
     halo: int = typer.Option(DEFAULT_HALO, "--halo", help="Context px around each core (>= largest nucleus)."),
     batch_size: int = typer.Option(4, "--batch-size", help="Tiles per model batch."),
-    readers: int = typer.Option(1, "--readers", help="Reader processes (0: read in the main process)."),
-    workers: int = typer.Option(1, "--workers", help="Post-processing processes (0: in the main process)."),
+    readers: str = typer.Option("auto", "--readers", help="Reader processes (0: read in the main process; "
+                                "auto: from the usable cores and the device)."),
+    workers: str = typer.Option("auto", "--workers", help="Post-processing processes (0: in the main process; "
+                                "auto: from the usable cores and the device)."),
     dask_address: Optional[str] = typer.Option(
         None, "--dask-address", help="Run the slides on this Dask scheduler (e.g. tcp://10.0.0.5:8786)."
     ),
@@ -222,6 +233,7 @@ def segment(
     """
     if device not in ("auto", "cpu", "cuda"):
         fail(f"--device must be auto, cpu or cuda, not {device!r}")
+    readers, workers = _processes("--readers", readers, 32), _processes("--workers", workers, 64)
     _short_log_lines()
     from nucleiflow.flows.segment import check_model, check_output, format_report, run_batch
     from nucleiflow.pipeline.batch.manifest import expand_slides

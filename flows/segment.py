@@ -38,6 +38,7 @@ from prefect.states import Completed, Failed, State
 
 from nucleiflow.models.checkpoint import CARD, WEIGHTS, model_hash, resolve
 from nucleiflow.pipeline.config import DEFAULT_MODEL, SegmentConfig
+from nucleiflow.pipeline.infer.pools import Auto, close_shared_pools, pool_sizes, shared_pools, usable_cores
 from nucleiflow.pipeline.infer.predictor import Predictor, check_weights, load_card, load_predictor
 from nucleiflow.pipeline.batch.manifest import SlideJob, expand_slides
 from nucleiflow.pipeline.batch.guard import read_record
@@ -122,8 +123,12 @@ def segment_slide_task(job: SlideJob, out: str, cfg: SegmentConfig) -> State:
             # post-process in this process. Only speed changes (these are not in the key).
             cfg = cfg.model_copy(update={"readers": 0, "workers": 0})
         predictor, mhash = _predictor(cfg.model, cfg.device, cfg.tta)
+        # Sized on the cores of the process running the slide; started by the first slide,
+        # kept for the next ones (`run_slides` stops them).
+        sizes = pool_sizes(usable_cores(), predictor.cuda, cfg.readers, cfg.workers)
+        pools = shared_pools(sizes, predictor.cuda)
         with SlideProgress(job.slide_id, logger.info) as progress:
-            rec = segment_slide(job, out, cfg, predictor, mhash, log=logger.info, progress=progress)
+            rec = segment_slide(job, out, cfg, predictor, mhash, log=logger.info, progress=progress, pools=pools)
     except Exception as e:  # any slide's failure is that slide's, never the batch's
         row.update(reason=failure_reason(e), seconds=round(time.perf_counter() - t0, 2))
         if not isinstance(e, SlideError | OSError):  # not an input problem we know: keep the
@@ -177,7 +182,10 @@ def run_slides(jobs: list[SlideJob], out: str, cfg: SegmentConfig, dask_address:
     ctx = FlowRunContext.get()
     own = ctx.task_runner if ctx is not None and _is_dask(ctx.task_runner) else None
     if dask_address is None and own is None:
-        return [_row(j, segment_slide_task(j, out, cfg, return_state=True)) for j in jobs]
+        try:  # one set of reader / post-processing pools serves every slide of the batch
+            return [_row(j, segment_slide_task(j, out, cfg, return_state=True)) for j in jobs]
+        finally:
+            close_shared_pools()
     if dask_address is not None:
         from prefect_dask import DaskTaskRunner
 
@@ -199,8 +207,8 @@ def segment_slides(
     tile_size: int | None = None,
     halo: int | None = None,
     batch_size: int = 4,
-    readers: int = 1,
-    workers: int = 1,
+    readers: int | Auto = "auto",
+    workers: int | Auto = "auto",
     dask_address: str | None = None,
     tta: int = 1,
     overwrite: bool = False,

@@ -33,8 +33,10 @@ class SegmentConfig(BaseModel):
     halo: int = Field(DEFAULT_HALO, ge=0, le=1024)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(4, ge=1, le=256)
-    readers: int = Field(1, ge=0, le=32, description="Reader processes; 0 reads in the main process.")
-    workers: int = Field(1, ge=0, le=64, description="Post-processing processes; 0 = in-process.")
+    readers: Annotated[int, Field(ge=0, le=32)] | Literal["auto"] = Field(
+        "auto", description="Reader processes; 0 reads in the main process; auto: `infer.pools.pool_sizes`.")
+    workers: Annotated[int, Field(ge=0, le=64)] | Literal["auto"] = Field(
+        "auto", description="Post-processing processes; 0 = in-process; auto: `infer.pools.pool_sizes`.")
     tissue_mpp: float = Field(TISSUE_MPP, gt=0)
     tta: int = Field(1, ge=1, le=8, description="Test-time augmentation: views averaged per tile (1 = off).")
     overwrite: bool = Field(False, description="Replace another slide's results under the same id.")

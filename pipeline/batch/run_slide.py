@@ -20,6 +20,7 @@ import socket
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from nucleiflow.pipeline.batch.guard import check_same_slide, count_files, damag
 from nucleiflow.pipeline.batch.manifest import SlideJob
 from nucleiflow.pipeline.outputs.overlays import OVERLAY_NAME, nuclei_overlay
 from nucleiflow.pipeline.config import SegmentConfig
+from nucleiflow.pipeline.infer.pools import TilePools, pool_sizes, usable_cores
 from nucleiflow.pipeline.infer.predictor import Predictor
 from nucleiflow.pipeline.infer.segment_reader import SegmentStats, segment_reader
 from nucleiflow.pipeline.infer.workers import empty_tile_table
@@ -65,6 +67,7 @@ def segment_slide(
     log=print,
     progress: Callable[[int, int], None] | None = None,
     claim_ttl_s: float | None = None,
+    pools: TilePools | None = None,
 ) -> dict:
     """Segment ``job`` into ``out``; returns the run record (also written as run.json).
 
@@ -72,6 +75,8 @@ def segment_slide(
     slide's claim; ``reason`` says who) or "done". Raises SlideError (bad slide) or OSError
     (output) after removing partial outputs. ``progress(done, total)`` is called with the
     tile count once planned and after every tile; without it every 10th tile is logged.
+    ``pools``: the batch's reader / post-processing processes; without them the slide
+    starts and stops its own (``cfg.readers`` / ``cfg.workers``).
     """
     out = Path(out)
     log = log or (lambda msg: None)  # None = quiet (on_tile below already allowed it)
@@ -99,8 +104,9 @@ def segment_slide(
             check_same_slide(read_record(paths["run_json"]), info.fingerprint, job.path,
                              paths["run_json"].parent, cfg.overwrite)
             damaged = is_done(paths["run_json"], key)  # done with this key, yet not intact
-            record = _segment_claimed(_Slide(job, out, cfg, predictor, model_hash, reader, key, claim, log, t0,
-                                            progress))
+            with _own_pools(cfg, predictor) if pools is None else nullcontext(pools) as slide_pools:
+                record = _segment_claimed(_Slide(job, out, cfg, predictor, model_hash, reader, key, claim, log, t0,
+                                                progress, slide_pools))
             return {**record, "reason": "redone: its outputs were damaged"} if damaged else record
 
 
@@ -129,6 +135,7 @@ class _Slide:
     log: object
     t0: float
     progress: Callable[[int, int], None] | None = None
+    pools: TilePools | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -190,7 +197,7 @@ def _stream_and_publish(s: _Slide, tissue: TissueMask, plan: TilePlan) -> Segmen
     try:
         t = time.perf_counter()
         stats = segment_reader(s.reader, plan, s.predictor, outputs, batch_size=s.cfg.batch_size,
-                               readers=s.cfg.readers, workers=s.cfg.workers, on_tile=on_tile)
+                               pools=s.pools, on_tile=on_tile)
         s.timings["stream"] = time.perf_counter() - t
         if stats.tiles == 0:
             # No tile wrote a table: give the file the columns every other slide's has.
@@ -218,6 +225,7 @@ def _record(s: _Slide, tissue: TissueMask, plan: TilePlan, stats: SegmentStats) 
         "slide": s.reader.info.to_dict(), "tissue_fraction": tissue.fraction, "tissue_mm2": tissue_mm2,
         "tiles": stats.tiles, "nuclei": stats.nuclei, "halo_edge_nuclei": stats.halo_edge_nuclei,
         **({"reason": f"warning: {tissue.warning}"} if tissue.warning else {}),  # shown in the table
+        "pools": _pools_record(s),
         "zarr_files": count_files(s.paths["zarr"]),  # lets a later skip notice a lost chunk
         "timings_s": {**s.timings, **{f"tiles_{k}": v for k, v in stats.timer.seconds.items()},
                       "total": time.perf_counter() - s.t0},
@@ -225,6 +233,23 @@ def _record(s: _Slide, tissue: TissueMask, plan: TilePlan, stats: SegmentStats) 
         "written_by": {"host": socket.gethostname(), "pid": os.getpid(), "claim": s.claim.token},
         "versions": versions(),
     }
+
+
+def _own_pools(cfg: SegmentConfig, predictor: Predictor) -> TilePools:
+    """Pools for one slide alone, ``auto`` sizes resolved on this process's cores."""
+    return TilePools(pool_sizes(usable_cores(), getattr(predictor, "cuda", False), cfg.readers, cfg.workers))
+
+
+def _pools_record(s: _Slide) -> dict:
+    """run.json's ``pools``: the processes used (sizes; ``asked``: as configured, ``auto``
+    or a number), their pids, torch's threads in effect, and how many pool starts (and
+    seconds in them) this process's batch has had so far."""
+    import torch
+
+    pools = s.pools
+    return {**pools.sizes.to_dict(), "asked": {"readers": s.cfg.readers, "workers": s.cfg.workers},
+            "torch_threads": pools.sizes.torch_threads if getattr(s.predictor, "cuda", False) else torch.get_num_threads(),
+            "pids": pools.pids(), "starts": pools.starts, "start_s": round(pools.start_s, 3)}
 
 
 def _nuclei_overlay(reader: SlideReader, paths: dict[str, Path], log) -> Path | None:

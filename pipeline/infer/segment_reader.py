@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from nucleiflow.pipeline.infer.pools import TilePools
 from nucleiflow.pipeline.infer.predictor import Predictor
 from nucleiflow.pipeline.infer.stream import StageTimer, stream_tiles
 from nucleiflow.pipeline.postprocess.labels import resample_nearest
@@ -38,15 +39,17 @@ def segment_reader(
     batch_size: int = 4,
     readers: int = 0,
     workers: int = 0,
+    pools: TilePools | None = None,
     on_tile: Callable[[TileNuclei, int], None] | None = None,
 ) -> SegmentStats:
     """Run every planned tile into ``merger`` (labels, prob and the nuclei rows, numbered
-    once by the stitcher); ``on_tile(tile_nuclei, id_offset)`` is called after each tile."""
+    once by the stitcher); ``on_tile(tile_nuclei, id_offset)`` is called after each tile.
+    ``pools`` (a batch's, kept running) replaces ``readers`` / ``workers`` (this slide's own)."""
     stats = SegmentStats()
     stitcher = LabelStitcher(plan, merger)
     for tn in stream_tiles(
         reader, plan, predictor, predictor.card.postprocess, batch_size=batch_size, readers=readers, workers=workers,
-        timer=stats.timer,
+        pools=pools, timer=stats.timer,
     ):
         offset = stitcher.add(tn)
         stats.tiles += 1

@@ -7,11 +7,16 @@ per worker than importing the inference module would cost (tests/infer/test_work
 """
 from __future__ import annotations
 
+import hashlib
+import os
+import pickle
 import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
-from nucleiflow.pipeline.lifeline import worker_init
 from nucleiflow.pipeline.slide.reader import SlideReader
 from nucleiflow.pipeline.slide.stain import StainReference, normalise
 from nucleiflow.pipeline.tiles.plan import Tile, TilePlan
@@ -19,6 +24,7 @@ from nucleiflow.pipeline.config import PostprocessConfig
 from nucleiflow.pipeline.postprocess.morphometry import empty_table, nuclei_table
 from nucleiflow.pipeline.postprocess.watershed import postprocess as run_postprocess
 from nucleiflow.pipeline.tiles.ownership import TileNuclei, own_tile, touches_border
+
 
 def empty_tile_table(classes: bool = False) -> dict:
     """A no-row table with exactly the columns ``process_tile`` gives (for a slide with no
@@ -42,22 +48,64 @@ def process_tile(tile: Tile, maps: dict[str, np.ndarray], plan: TilePlan, post: 
     return res
 
 
+# -- what a job carries: the slide or the plan, by key --------------------------------
+@dataclass(frozen=True)
+class Keyed:
+    """A pickled object (a slide reader + stain, or a plan + post-processing) with a key.
+
+    Every job of a slide carries it; a process unpickles ``payload`` only when ``key`` is new
+    to it, so one pool serves slide after slide. An `OpenSlideReader` pickles to its path,
+    mpp and `SlideInfo` (a few kB; the fingerprint is in the key), so each reader process
+    opens a slide's file once, at its first tile.
+    """
+
+    key: str
+    payload: bytes
+
+    @classmethod
+    def of(cls, obj: object) -> Keyed:
+        payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        return cls(hashlib.sha256(payload).hexdigest()[:32], payload)
+
+
+class _Cache:
+    """The last ``size`` objects unpickled from `Keyed` payloads, least recent evicted
+    (readers closed) so a long batch does not pile up open slide handles."""
+
+    def __init__(self, size: int, on_evict: Callable[[object], None] | None = None) -> None:
+        self.size, self.on_evict, self.items = size, on_evict, OrderedDict()
+
+    def get(self, ref: Keyed) -> object:
+        if ref.key in self.items:
+            self.items.move_to_end(ref.key)
+            return self.items[ref.key]
+        obj = self.items[ref.key] = pickle.loads(ref.payload)
+        while len(self.items) > self.size:
+            _, old = self.items.popitem(last=False)
+            if self.on_evict is not None:
+                self.on_evict(old)
+        return obj
+
+
 # -- reader side (runs in reader processes) -------------------------------------------
-_READER: SlideReader | None = None
-_STAIN: StainReference | None = None
+def _close_reader(entry: object) -> None:
+    entry[0].close()  # type: ignore[index]
 
 
-def _init_reader(reader: SlideReader, stain: dict | None) -> None:
-    global _READER, _STAIN
-    worker_init()  # Ctrl-C is the owner's to handle; end with the owner (pipeline.lifeline)
-    _READER = reader
-    _STAIN = StainReference.from_dict(stain) if stain else None
+_READERS = _Cache(2, on_evict=_close_reader)
 
 
-def _read_window(args: tuple[Tile, float, int, float]) -> tuple[Tile, np.ndarray, float]:
-    """`read_window` with this reader process's slide handle."""
-    assert _READER is not None
-    return read_window(_READER, _STAIN, args)
+def _read_job(args: tuple[Keyed, Tile, float, int, float]) -> tuple[Tile, np.ndarray, float]:
+    """`read_window` with this reader process's handle on the job's slide (opened at its
+    first tile). The payload is ``(reader, stain card dict or None)``."""
+    ref, *job = args
+    reader, stain = _READERS.get(ref)  # type: ignore[misc]
+    return read_window(reader, stain, tuple(job))  # type: ignore[arg-type]
+
+
+def slide_ref(reader: SlideReader, stain: dict | None) -> Keyed:
+    """The `Keyed` slide every read job of ``reader`` carries."""
+    return Keyed.of((reader, StainReference.from_dict(stain) if stain else None))
 
 
 def read_window(
@@ -77,21 +125,26 @@ def read_window(
 
 
 # -- post-processing side (runs in worker processes) -----------------------------------
-_PLAN: TilePlan | None = None
-_POST: PostprocessConfig | None = None
+_PLANS = _Cache(4)
 
 
-def _init_post(plan: TilePlan, post: PostprocessConfig) -> None:
-    global _PLAN, _POST
-    worker_init()
-    _PLAN, _POST = plan, post
+def plan_ref(plan: TilePlan, post: PostprocessConfig) -> Keyed:
+    """The `Keyed` plan every post-processing job of a slide carries."""
+    return Keyed.of((plan, post))
 
 
-def _process(args: tuple[Tile, dict[str, np.ndarray]]) -> TileNuclei:
-    assert _PLAN is not None and _POST is not None
-    return _process_with(_PLAN, _POST, args)
+def _post_job(args: tuple[Keyed, Tile, dict[str, np.ndarray]]) -> TileNuclei:
+    ref, tile, maps = args
+    plan, post = _PLANS.get(ref)  # type: ignore[misc]
+    return process_tile(tile, maps, plan, post)
 
 
 def _process_with(plan: TilePlan, post: PostprocessConfig, args: tuple[Tile, dict[str, np.ndarray]]) -> TileNuclei:
     tile, maps = args
     return process_tile(tile, maps, plan, post)
+
+
+def warm_up(_: object = None) -> int:
+    """A no-op job: a pool has started once it has answered one per process (this
+    module, numpy, scipy, scikit-image, shapely and OpenSlide imported). Returns the pid."""
+    return os.getpid()
