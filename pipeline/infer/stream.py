@@ -84,12 +84,14 @@ def stream_tiles(
     readers: int = 1,
     workers: int = 1,
     timer: StageTimer | None = None,
+    tiles: Iterable[Tile] | None = None,
 ) -> Iterator[TileNuclei]:
     """Yield each planned tile's owned nuclei, in tile order.
 
     Args:
         postprocess: the card's post-processing (``predictor.card.postprocess``).
         readers / workers: process counts for reading / post-processing (0 = inline).
+        tiles: the plan's tiles to run, in order (default: all; a resumed slide runs the rest).
     """
     timer = timer or StageTimer()
     window = plan.tile_size + 2 * plan.halo
@@ -102,7 +104,7 @@ def stream_tiles(
     post_pool = make_pool(workers, _init_post, (plan, postprocess))
     post_fn = _process if post_pool is not None else partial(_process_with, plan, postprocess)
     try:
-        jobs = ((t, plan.scale, window, plan.mpp) for t in plan)
+        jobs = ((t, plan.scale, window, plan.mpp) for t in (plan if tiles is None else tiles))
         reads = ordered_map(read_fn, jobs, read_pool, window=max(2 * batch_size, 2))
 
         def batches() -> Iterator[tuple[Tile, dict[str, np.ndarray]]]:
