@@ -172,7 +172,8 @@ def _stream_and_publish(s: _Slide, tissue: TissueMask, plan: TilePlan) -> Segmen
     meta = {"model": s.cfg.model, "model_hash": s.model_hash, "config_hash": s.cfg.key(),
             "slide_fingerprint": info.fingerprint, "source": str(s.job.path)}
     # Tiles a killed run of this slide, model and config finished are taken over, not rerun.
-    parts = TileParts.open(parts_folder(s.out, s.job.slide_id), parts_key(s.key, plan))
+    key = parts_key(s.key, plan, batch_size=s.cfg.batch_size, device=s.predictor.device.type)
+    parts = TileParts.open(parts_folder(s.out, s.job.slide_id), key, len(plan))
     if parts.done:
         s.log(f"{s.job.slide_id}: taking over {len(parts.done)}/{len(plan)} tiles of an interrupted run")
     outputs = SlideOutputs(

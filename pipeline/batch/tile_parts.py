@@ -25,6 +25,7 @@ import hashlib
 import json
 import shutil
 import zipfile
+from collections.abc import Collection
 from pathlib import Path
 
 import numcodecs
@@ -56,9 +57,28 @@ def plan_digest(plan: TilePlan) -> str:
     return hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16]
 
 
-def parts_key(run_key: dict, plan: TilePlan) -> dict:
-    """What the parts of a run belong to: run.json's key, the plan and the part format."""
-    return {"format": FORMAT, **run_key, "plan": plan_digest(plan)}
+def parts_key(run_key: dict, plan: TilePlan, *, batch_size: int, device: str) -> dict:
+    """What the parts of a run belong to: run.json's key, the plan, the part format, and the
+    model batch size and device type: speed-only settings for "done", but the model's floats
+    differ in the last bit with the batch a tile sits in (and more across devices), so
+    parts made with others would not give an uninterrupted run's result."""
+    return {"format": FORMAT, **run_key, "plan": plan_digest(plan), "batch_size": batch_size, "device": device}
+
+
+def whole_batches(done: Collection[int], tiles: int, batch_size: int) -> frozenset[int]:
+    """The tiles of ``done`` whose whole model batch is in ``done``: batch j holds plan
+    positions ``j * batch_size`` up to ``tiles``. A run killed mid-batch saved part of one;
+    it is run again whole, so every remaining tile sits in the batch it had uninterrupted.
+
+    >>> sorted(whole_batches({0, 1, 2, 3, 4, 6}, 8, 2))   # 5 and 7 missing
+    [0, 1, 2, 3]
+    >>> sorted(whole_batches({4, 5, 6}, 7, 2))   # the last batch may be short
+    [4, 5, 6]
+    """
+    done = set(done)
+    return frozenset(i for j in range(0, tiles, batch_size)
+                     if all(k in done for k in range(j, min(j + batch_size, tiles)))
+                     for i in range(j, min(j + batch_size, tiles)))
 
 
 def _box(b: Box) -> list[int]:
@@ -124,7 +144,7 @@ def encode(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     out = {}
     for name, a in arrays.items():
         a = np.ascontiguousarray(a)
-        out[name] = np.frombuffer(_CODEC.encode(a), np.uint8)
+        out[name] = np.frombuffer(_CODEC.encode(a) if a.size else b"", np.uint8)  # Blosc cannot decode b""
         out[f"{name}:dtype"], out[f"{name}:shape"] = np.array(a.dtype.str), np.array(a.shape, np.int64)
     return out
 
@@ -133,27 +153,30 @@ def decode(stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The arrays ``encode`` stored."""
     names = [k for k in stored if not k.endswith((":dtype", ":shape"))]
     # bytearray: writable arrays, like the ones post-processing hands the stitcher
-    return {k: np.frombuffer(bytearray(_CODEC.decode(stored[k].tobytes())), np.dtype(str(stored[f"{k}:dtype"])))
-            .reshape(tuple(stored[f"{k}:shape"])) for k in names}
+    return {k: np.frombuffer(bytearray(_CODEC.decode(stored[k].tobytes()) if stored[k].size else b""),
+                             np.dtype(str(stored[f"{k}:dtype"]))).reshape(tuple(stored[f"{k}:shape"])) for k in names}
 
 
 # -- IO: the parts folder of one slide ---------------------------------------------------
 class TileParts:
     """The parts of one slide run under ``key`` (see the module doc); ``done`` holds the
-    indices of the tiles whose parts were taken over from an earlier run."""
+    indices (= plan positions) of the tiles taken over from an earlier run: those with a
+    whole part, in whole model batches (`whole_batches`)."""
 
     def __init__(self, folder: Path, key: dict) -> None:
         self.folder, self.key = Path(folder), key
         self.done: frozenset[int] = frozenset()
 
     @classmethod
-    def open(cls, folder: str | Path, key: dict) -> TileParts:
-        """Take over the parts in ``folder`` if its manifest is ``key``, else start it afresh."""
+    def open(cls, folder: str | Path, key: dict, tiles: int) -> TileParts:
+        """Take over the parts in ``folder`` if its manifest is ``key`` (a plan of ``tiles``
+        tiles, batched by ``key["batch_size"]``), else start the folder afresh."""
         parts = cls(Path(folder), key)
         if _read_json(parts.folder / MANIFEST) == key:
             for tmp in parts.folder.glob(TEMP_PATTERN):  # a part the killed run was writing
                 tmp.unlink(missing_ok=True)
-            parts.done = frozenset(i for i, p in parts._present() if _readable(p))
+            whole = {i for i, p in parts._present() if _readable(p)}
+            parts.done = whole_batches(whole, tiles, key["batch_size"])
         else:
             remove_parts(parts.folder)
             parts.folder.mkdir(parents=True)

@@ -59,7 +59,8 @@ def segment_reader(
 
     With ``parts``, the tiles in ``parts.done`` are loaded instead of run, every other tile
     is saved as it comes, and all go through the stitcher in tile order: the merger gets
-    exactly what an uninterrupted run gives it."""
+    exactly what an uninterrupted run gives it, provided ``parts.done`` is made of whole
+    model batches (plan positions ``j * batch_size`` on), so the rest batch as they did."""
     stats = SegmentStats()
     stitcher = LabelStitcher(plan, merger)
     done = parts.done if parts is not None else ()
