@@ -5,6 +5,7 @@ This is the one code path behind `nucleiflow segment` (`outputs.layout.SlideOutp
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Collection
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -71,12 +72,16 @@ def segment_reader(
     with closing(computed):  # shuts the pools down if a tile fails
         for tile in plan:
             if tile.index in done:
+                t0 = time.perf_counter()
                 tn = parts.load(tile)
+                stats.timer.add("parts", time.perf_counter() - t0)
                 stats.resumed += 1
             else:
                 tn = next(computed)
                 if parts is not None:
+                    t0 = time.perf_counter()
                     parts.save(tn)  # before `add`, which renumbers tn in place
+                    stats.timer.add("parts", time.perf_counter() - t0)
             offset = stitcher.add(tn)
             stats.tiles += 1
             stats.halo_edge_nuclei += tn.n_halo_edge
