@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from nucleiflow.pipeline.batch.claims import Claim, ClaimLost, SlideBusy, acquire
+from nucleiflow.pipeline.batch.tile_parts import parts_folder, remove_parts
 from nucleiflow.pipeline.outputs.overlays import OVERLAY_NAME
 from nucleiflow.pipeline.outputs.atomic import TEMP_PATTERN
 from nucleiflow.pipeline.outputs.layout import slide_paths
@@ -22,7 +23,8 @@ TEMP_PATTERNS = (TEMP_PATTERN, ".claim.stale-*")
 def clean_partial(out: Path, slide_id: str, claim: Claim) -> None:
     """Remove a previous run's leftovers of this slide: run.json first, then temp files of
     any process (killed runs), then stale final outputs. Raises ClaimLost unless ``claim``
-    still holds the slide."""
+    still holds the slide. Its finished tiles (`tile_parts`) stay: the run takes them over
+    if they match its key."""
     claim.verify()
     paths = slide_paths(out, slide_id)
     paths["run_json"].unlink(missing_ok=True)
@@ -44,7 +46,8 @@ def remove_temps(out: Path, slide_id: str) -> None:
 
 def tidy_done(out: Path, slide_id: str, log: Callable[[str], None] | None = None) -> None:
     """Remove what a run killed after its run.json left beside a done slide (a dead
-    worker's claim, a half-drawn overlay); left alone while another worker holds it."""
+    worker's claim, a half-drawn overlay, its tile parts); left alone while another worker
+    holds it."""
     folder = slide_paths(out, slide_id)["run_json"].parent
     if not any(folder.glob(".*")):
         return
@@ -52,6 +55,7 @@ def tidy_done(out: Path, slide_id: str, log: Callable[[str], None] | None = None
         with acquire(folder) as claim:
             claim.verify()
             remove_temps(out, slide_id)
+            remove_parts(parts_folder(out, slide_id))
     except (SlideBusy, ClaimLost):
         pass  # another live worker holds the folder: its files are its business
     except OSError as e:  # the slide is done; leftovers are untidy, not wrong: say so, go on

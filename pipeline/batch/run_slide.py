@@ -30,6 +30,7 @@ from nucleiflow.pipeline.batch.claims import Claim, SlideBusy, acquire
 from nucleiflow.pipeline.batch.cleanup import clean_partial, tidy_done, unpublish
 from nucleiflow.pipeline.batch.guard import check_same_slide, count_files, damage, read_record
 from nucleiflow.pipeline.batch.manifest import SlideJob
+from nucleiflow.pipeline.batch.tile_parts import TileParts, parts_folder, parts_key, remove_parts
 from nucleiflow.pipeline.outputs.overlays import OVERLAY_NAME, nuclei_overlay
 from nucleiflow.pipeline.config import SegmentConfig
 from nucleiflow.pipeline.infer.pools import TilePools, pool_sizes, usable_cores
@@ -163,6 +164,7 @@ def _segment_claimed(s: _Slide) -> dict:
     except BaseException:  # e.g. the disk filled up at the very last write
         unpublish(s.paths, s.claim)
         raise
+    remove_parts(parts_folder(s.out, s.job.slide_id))  # done: a kill before this, tidy_done removes them
     # After run.json: drawing takes seconds on a big slide, and before it the final-named
     # table would sit there without run.json all that time. A run killed here leaves a
     # done slide without the picture; the batch summary draws the missing ones.
@@ -176,6 +178,11 @@ def _stream_and_publish(s: _Slide, tissue: TissueMask, plan: TilePlan) -> Segmen
     info, card = s.reader.info, s.predictor.card
     meta = {"model": s.cfg.model, "model_hash": s.model_hash, "config_hash": s.cfg.key(),
             "slide_fingerprint": info.fingerprint, "source": str(s.job.path)}
+    # Tiles a killed run of this slide, model and config finished are taken over, not rerun.
+    key = parts_key(s.key, plan, batch_size=s.cfg.batch_size, device=s.predictor.device.type)
+    parts = TileParts.open(parts_folder(s.out, s.job.slide_id), key, len(plan))
+    if parts.done:
+        s.log(f"{s.job.slide_id}: taking over {len(parts.done)}/{len(plan)} tiles of an interrupted run")
     outputs = SlideOutputs(
         s.out, s.job.slide_id, shape=(plan.height, plan.width), mpp=plan.mpp, scale=plan.scale,
         chunk=s.cfg.tile_size, metadata=meta, tissue=tissue.mask, tissue_mpp=tissue.mpp,
@@ -197,7 +204,7 @@ def _stream_and_publish(s: _Slide, tissue: TissueMask, plan: TilePlan) -> Segmen
     try:
         t = time.perf_counter()
         stats = segment_reader(s.reader, plan, s.predictor, outputs, batch_size=s.cfg.batch_size,
-                               pools=s.pools, on_tile=on_tile)
+                               pools=s.pools, on_tile=on_tile, parts=parts)
         s.timings["stream"] = time.perf_counter() - t
         if stats.tiles == 0:
             # No tile wrote a table: give the file the columns every other slide's has.
@@ -223,7 +230,8 @@ def _record(s: _Slide, tissue: TissueMask, plan: TilePlan, stats: SegmentStats) 
         "slide_id": s.job.slide_id, "status": "done", **s.key, "path": str(s.job.path),
         "model": s.cfg.model, "config": s.cfg.model_dump(), "model_mpp": plan.mpp,
         "slide": s.reader.info.to_dict(), "tissue_fraction": tissue.fraction, "tissue_mm2": tissue_mm2,
-        "tiles": stats.tiles, "nuclei": stats.nuclei, "halo_edge_nuclei": stats.halo_edge_nuclei,
+        "tiles": stats.tiles, "tiles_resumed": stats.resumed, "nuclei": stats.nuclei,
+        "halo_edge_nuclei": stats.halo_edge_nuclei,
         **({"reason": f"warning: {tissue.warning}"} if tissue.warning else {}),  # shown in the table
         "pools": _pools_record(s),
         "zarr_files": count_files(s.paths["zarr"]),  # lets a later skip notice a lost chunk

@@ -5,8 +5,11 @@ This is the one code path behind `nucleiflow segment` (`outputs.layout.SlideOutp
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Collection
+from contextlib import closing
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -16,7 +19,7 @@ from nucleiflow.pipeline.infer.stream import StageTimer, stream_tiles
 from nucleiflow.pipeline.postprocess.labels import resample_nearest
 from nucleiflow.pipeline.slide.reader import SlideReader
 from nucleiflow.pipeline.tiles.stitch import LabelStitcher, MemoryMerger, Merger
-from nucleiflow.pipeline.tiles.plan import TilePlan, plan_tiles
+from nucleiflow.pipeline.tiles.plan import Tile, TilePlan, plan_tiles
 from nucleiflow.pipeline.tiles.ownership import TileNuclei
 
 
@@ -25,9 +28,20 @@ class SegmentStats:
     """Counts and timings of one segmented slide."""
 
     tiles: int = 0
+    resumed: int = 0  # of ``tiles``: taken over from an earlier run's parts, not run again
     nuclei: int = 0
     halo_edge_nuclei: int = 0
     timer: StageTimer = field(default_factory=StageTimer)
+
+
+class TileStore(Protocol):
+    """Tiles' post-processed results kept across runs (`batch.tile_parts.TileParts`)."""
+
+    done: Collection[int]  # tile indices whose stored result ``load`` returns
+
+    def load(self, tile: Tile) -> TileNuclei: ...
+
+    def save(self, tn: TileNuclei) -> None: ...
 
 
 def segment_reader(
@@ -41,21 +55,41 @@ def segment_reader(
     workers: int = 0,
     pools: TilePools | None = None,
     on_tile: Callable[[TileNuclei, int], None] | None = None,
+    parts: TileStore | None = None,
 ) -> SegmentStats:
     """Run every planned tile into ``merger`` (labels, prob and the nuclei rows, numbered
     once by the stitcher); ``on_tile(tile_nuclei, id_offset)`` is called after each tile.
-    ``pools`` (a batch's, kept running) replaces ``readers`` / ``workers`` (this slide's own)."""
+    ``pools`` (a batch's, kept running) replaces ``readers`` / ``workers`` (this slide's own).
+
+    With ``parts``, the tiles in ``parts.done`` are loaded instead of run, every other tile
+    is saved as it comes, and all go through the stitcher in tile order: the merger gets
+    exactly what an uninterrupted run gives it, provided ``parts.done`` is made of whole
+    model batches (plan positions ``j * batch_size`` on), so the rest batch as they did."""
     stats = SegmentStats()
     stitcher = LabelStitcher(plan, merger)
-    for tn in stream_tiles(
+    done = parts.done if parts is not None else ()
+    computed = stream_tiles(
         reader, plan, predictor, predictor.card.postprocess, batch_size=batch_size, readers=readers, workers=workers,
-        pools=pools, timer=stats.timer,
-    ):
-        offset = stitcher.add(tn)
-        stats.tiles += 1
-        stats.halo_edge_nuclei += tn.n_halo_edge
-        if on_tile is not None:
-            on_tile(tn, offset)
+        pools=pools, timer=stats.timer, tiles=[t for t in plan if t.index not in done],
+    )
+    with closing(computed):  # cancels the slide's queued jobs if a tile fails
+        for tile in plan:
+            if tile.index in done:
+                t0 = time.perf_counter()
+                tn = parts.load(tile)
+                stats.timer.add("parts", time.perf_counter() - t0)
+                stats.resumed += 1
+            else:
+                tn = next(computed)
+                if parts is not None:
+                    t0 = time.perf_counter()
+                    parts.save(tn)  # before `add`, which renumbers tn in place
+                    stats.timer.add("parts", time.perf_counter() - t0)
+            offset = stitcher.add(tn)
+            stats.tiles += 1
+            stats.halo_edge_nuclei += tn.n_halo_edge
+            if on_tile is not None:
+                on_tile(tn, offset)
     stats.nuclei = stitcher.count
     return stats
 

@@ -80,6 +80,7 @@ def stream_tiles(
     workers: int = 1,
     pools: TilePools | None = None,
     timer: StageTimer | None = None,
+    tiles: Iterable[Tile] | None = None,
 ) -> Iterator[TileNuclei]:
     """Yield each planned tile's owned nuclei, in tile order.
 
@@ -87,24 +88,26 @@ def stream_tiles(
         postprocess: the card's post-processing (``predictor.card.postprocess``).
         pools: the batch's pools (kept running after this slide); without them, pools of
             ``readers`` / ``workers`` processes (0 = inline) start and stop with this stream.
+        tiles: the plan's tiles to run, in order (default: all; a resumed slide runs the rest).
     """
     if pools is None:
         with TilePools(PoolSizes(readers, workers, 0, 0)) as own:
             yield from stream_tiles(reader, plan, predictor, postprocess, batch_size=batch_size, pools=own,
-                                    timer=timer)
+                                    timer=timer, tiles=tiles)
         return
     timer = timer or StageTimer()
     window = plan.tile_size + 2 * plan.halo
     stain = predictor.card.normalisation.stain
+    todo = list(plan if tiles is None else tiles)
     read_pool, post_pool = pools.ensure_started()
     # Inline (0 processes) binds the slide and plan to the call; pooled jobs carry them by
     # key (`workers.Keyed`), so the same processes serve the next slide.
     if read_pool is not None:
         ref = slide_ref(reader, stain)
-        read_fn, read_jobs = _read_job, ((ref, t, plan.scale, window, plan.mpp) for t in plan)
+        read_fn, read_jobs = _read_job, ((ref, t, plan.scale, window, plan.mpp) for t in todo)
     else:
         stain_ref = StainReference.from_dict(stain) if stain else None
-        read_fn, read_jobs = partial(read_window, reader, stain_ref), ((t, plan.scale, window, plan.mpp) for t in plan)
+        read_fn, read_jobs = partial(read_window, reader, stain_ref), ((t, plan.scale, window, plan.mpp) for t in todo)
     if post_pool is not None:
         pref = plan_ref(plan, postprocess)
         post_fn, to_job = _post_job, (lambda tile, maps: (pref, tile, maps))
