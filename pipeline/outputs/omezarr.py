@@ -10,7 +10,8 @@ Layout of ``<out>/<slide_id>/masks.ome.zarr`` (model pixels; axes y, x in microm
 
 Zarr format 2 with "/" chunk keys and Blosc, no sharding: what QuPath, Bio-Formats, OMERO
 and napari read. Every array is created at open; ``write_tile`` writes whole chunks only
-(tile cores are chunk-aligned), so writers never share a chunk; ``close`` builds the pyramid
+(tile cores are chunk-aligned), so writers never share a chunk; the last label chunks written
+are held in memory and encoded once (`OmeZarrWriter.write_labels`); ``close`` stores them, builds the pyramid
 one output chunk at a time from the level above (memory: 4 chunks, whatever the slide
 size), then renames the hidden temp folder to the final name. Level ``k`` has scale
 ``mpp * 2**k`` and no translation (as ome-zarr's own writer does).
