@@ -10,7 +10,8 @@ Layout of ``<out>/<slide_id>/masks.ome.zarr`` (model pixels; axes y, x in microm
 
 Zarr format 2 with "/" chunk keys and Blosc, no sharding: what QuPath, Bio-Formats, OMERO
 and napari read. Every array is created at open; ``write_tile`` writes whole chunks only
-(tile cores are chunk-aligned), so writers never share a chunk; ``close`` builds the pyramid
+(tile cores are chunk-aligned), so writers never share a chunk; the last label chunks written
+are held in memory and encoded once (`OmeZarrWriter.write_labels`); ``close`` stores them, builds the pyramid
 one output chunk at a time from the level above (memory: 4 chunks, whatever the slide
 size), then renames the hidden temp folder to the final name. Level ``k`` has scale
 ``mpp * 2**k`` and no translation (as ome-zarr's own writer does).
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,10 @@ import zarr
 from nucleiflow.pipeline.outputs.atomic import discard, publish, temp_path
 
 _KEYS = {"name": "v2", "separator": "/"}
+# Label chunks held back before they are stored (see OmeZarrWriter.write_labels): the
+# stitcher paints spills into the chunks of the tile row above and the tile before, so one
+# tile row plus two chunks saves every read-back and re-encode; capped in bytes.
+HELD_BYTES = 128 * 2**20
 
 
 def prob_to_uint8(prob: np.ndarray) -> np.ndarray:
@@ -54,9 +60,16 @@ def level_shapes(shape: tuple[int, int], chunk: int) -> list[tuple[int, int]]:
 
 
 def mean2(block: np.ndarray) -> np.ndarray:
-    """2x2 mean (rounded, same dtype); an odd last row/column is averaged with itself."""
+    """2x2 mean (rounded half to even, same dtype); an odd last row/column is averaged with itself."""
     h, w = block.shape
-    b = np.pad(block, ((0, h % 2), (0, w % 2)), mode="edge").astype(np.float32)
+    b = np.pad(block, ((0, h % 2), (0, w % 2)), mode="edge")
+    if b.dtype == np.uint8:
+        # Integer sums: the float mean + np.round's result exactly (sum / 4 = q + r / 4, and
+        # only r = 2, a tie, depends on q's parity), at a fraction of the float pass.
+        s = b[0::2, 0::2].astype(np.uint16) + b[1::2, 0::2] + b[0::2, 1::2] + b[1::2, 1::2]
+        q, r = s >> 2, s & 3
+        return (q + ((r == 3) | ((r == 2) & (q & 1 == 1)))).astype(np.uint8)
+    b = b.astype(np.float32)
     out = b.reshape(b.shape[0] // 2, 2, b.shape[1] // 2, 2).mean(axis=(1, 3))
     return np.round(out).astype(block.dtype)
 
@@ -157,6 +170,9 @@ class OmeZarrWriter:
         root["labels"].attrs.update({"labels": names})
         root.attrs.update(multiscales("nuclear probability", mpps, "mean"))
         self._root = root
+        self._held: OrderedDict[tuple[int, int, int, int], np.ndarray] = OrderedDict()
+        cols = math.ceil(self.shape[1] / self.chunk)
+        self._hold = max(1, min(cols + 2, HELD_BYTES // (4 * self.chunk**2)))
 
     def _array(self, group: zarr.Group, name: str, shape: tuple[int, ...], dtype: str) -> zarr.Array:
         shuffle = numcodecs.Blosc.BITSHUFFLE if dtype == "uint8" else numcodecs.Blosc.SHUFFLE
@@ -170,32 +186,54 @@ class OmeZarrWriter:
             chunk_key_encoding=_KEYS,
         )
 
-    def write_tile(
-        self, tile_core: Any, labels_core: np.ndarray | None, prob_core: np.ndarray | None
-    ) -> None:
-        """Write one chunk-aligned core: labels (h, w) int (nucleus ids), prob (h, w) uint8 or float."""
+    def _check(self, box: tuple[int, int, int, int], data: np.ndarray | None) -> None:
         if self._done:
             raise RuntimeError(f"{self.path}: writer already closed or aborted")
-        x0, y0, x1, y1 = (tile_core.x0, tile_core.y0, tile_core.x1, tile_core.y1) if hasattr(tile_core, "x0") else tile_core
+        x0, y0, x1, y1 = box
         h, w = self.shape
         c = self.chunk
         aligned = x0 % c == 0 and y0 % c == 0 and (x1 % c == 0 or x1 == w) and (y1 % c == 0 or y1 == h)
         if not (aligned and 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
-            raise ValueError(f"core {(x0, y0, x1, y1)} is not chunk-aligned ({c} px) inside {w}x{h}")
-        for data, arr, convert in ((labels_core, self.labels[0], _to_int32), (prob_core, self.prob[0], prob_to_uint8)):
-            if data is None:
-                continue
-            if np.shape(data) != (y1 - y0, x1 - x0):
-                raise ValueError(f"array of shape {np.shape(data)} does not fit core {(x0, y0, x1, y1)}")
-            arr[y0:y1, x0:x1] = convert(data)
+            raise ValueError(f"core {box} is not chunk-aligned ({c} px) inside {w}x{h}")
+        if data is not None and np.shape(data) != (y1 - y0, x1 - x0):
+            raise ValueError(f"array of shape {np.shape(data)} does not fit core {box}")
+
+    def write_tile(
+        self, tile_core: Any, labels_core: np.ndarray | None, prob_core: np.ndarray | None
+    ) -> None:
+        """Write one chunk-aligned core: labels (h, w) int (nucleus ids), prob (h, w) uint8 or float."""
+        box = _box(tile_core)
+        for data in (labels_core, prob_core):
+            self._check(box, data)
+        x0, y0, x1, y1 = box
+        if labels_core is not None:
+            self._held.pop(box, None)
+            self.labels[0][y0:y1, x0:x1] = _to_int32(labels_core)
+        if prob_core is not None:
+            self.prob[0][y0:y1, x0:x1] = prob_to_uint8(prob_core)
 
     # Merger calls (tiles.stitch; `layout.SlideOutputs` adds the table): whole-chunk reads and writes from the one main process.
     def read_labels(self, box: Any) -> np.ndarray:
-        """Level-0 labels of a chunk-aligned box (h, w) int32."""
-        return np.asarray(self.labels[0][box.y0 : box.y1, box.x0 : box.x1])
+        """Level-0 labels of a chunk-aligned box (h, w) int32 (a copy)."""
+        key = _box(box)
+        if key in self._held:
+            return self._held[key].copy()
+        return np.asarray(self.labels[0][key[1] : key[3], key[0] : key[2]])
 
     def write_labels(self, box: Any, labels: np.ndarray) -> None:
-        self.write_tile(box, labels, None)
+        """Like ``write_tile(box, labels, None)``, but the chunk is held in memory (the last
+        few written) and encoded once, when it leaves the hold or at ``close``: spills of
+        later tiles repaint it, and each repaint would otherwise decode and re-encode it."""
+        key = _box(box)
+        self._check(key, labels)
+        self._held[key] = np.array(_to_int32(labels), copy=True)
+        self._held.move_to_end(key)
+        while len(self._held) > self._hold:
+            self._store_held()
+
+    def _store_held(self) -> None:
+        (x0, y0, x1, y1), labels = self._held.popitem(last=False)
+        self.labels[0][y0:y1, x0:x1] = labels
 
     def write_prob(self, box: Any, prob: np.ndarray) -> None:
         self.write_tile(box, None, prob)
@@ -205,6 +243,8 @@ class OmeZarrWriter:
         if self._done:
             raise RuntimeError(f"{self.path}: writer already closed or aborted")
         try:
+            while self._held:
+                self._store_held()
             for levels, reduce in ((self.prob, mean2), (self.labels, nearest2)):
                 for src, dst in zip(levels[:-1], levels[1:]):
                     downsample(src, dst, reduce)
@@ -220,7 +260,13 @@ class OmeZarrWriter:
     def abort(self) -> None:
         """Remove the temp store; the final name is never touched."""
         self._done = True
+        self._held.clear()
         discard(self.tmp)
+
+
+def _box(box: Any) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) of a `plan.Box` or a tuple."""
+    return (box.x0, box.y0, box.x1, box.y1) if hasattr(box, "x0") else tuple(int(v) for v in box)
 
 
 def _to_int32(labels: np.ndarray) -> np.ndarray:

@@ -55,6 +55,17 @@ def _foreground(prob: np.ndarray, threshold: float, min_size: int) -> tuple[np.n
     return components > 0, components
 
 
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``ndi.binary_fill_holes(mask)`` (H, W) bool, exactly: background not 4-connected to the
+    array's edge is filled. One labelling pass instead of scipy's iterated dilation."""
+    background, _ = ndi.label(~mask)  # scipy's default (cross) structure, as fill_holes uses
+    edge = np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]])
+    outside = np.zeros(int(background.max()) + 1, bool)
+    outside[edge] = True
+    outside[0] = True  # label 0 is the mask itself
+    return mask | ~outside[background]
+
+
 def _seeded_watershed(
     energy: np.ndarray, seeds: np.ndarray, mask: np.ndarray, components: np.ndarray
 ) -> np.ndarray:
@@ -172,7 +183,7 @@ def hv_watershed(
     energy = (1.0 - edge) * mask
     energy = -_separable(energy, blur, blur)
 
-    markers = ndi.binary_fill_holes(mask & (edge < marker_threshold))
+    markers = _fill_holes(mask & (edge < marker_threshold))
     if opening_radius > 0:
         markers = ndi.binary_opening(markers, structure=disk(opening_radius))
     seeds, _ = ndi.label(markers, structure=_CONN8)

@@ -18,6 +18,8 @@ import numpy as np
 import openslide
 from PIL import Image
 
+from nucleiflow.pipeline.slide.tiff_tiles import TiffTiles
+
 WHITE = (255, 255, 255)
 LEVEL_TOL = 0.01  # a level up to 1% coarser than asked counts as "at" the asked mpp (0.5 vs 0.499)
 MAX_READ_PX = 4096  # level px per side of one read in thumbnail(): keeps memory flat in slide size
@@ -196,18 +198,30 @@ def _read_failed(path: Path, e: Exception) -> str:
 class OpenSlideReader(SlideReader):
     """A slide file through OpenSlide. ``mpp`` overrides the metadata's um/px.
 
+    Levels that are plain tiled TIFF pages (generic TIFF, Aperio SVS with JPEG tiles) are
+    decoded straight from their tiles (`tiff_tiles`), where that gives OpenSlide's pixels to
+    the bit (checked at open); ``fast_tiff = False`` reads everything through OpenSlide.
     Picklable: a copy in another process reopens the file by path (one handle per process).
     """
+
+    fast_tiff = True
 
     def __init__(self, path: str | os.PathLike, mpp: float | None = None) -> None:
         self.path = Path(path)
         self._mpp = mpp
         self._slide = _open(self.path)
+        self._tiles: TiffTiles | None = None
         try:
             self.info = self._make_info()
+            self._open_tiles()
         except BaseException:
             self.close()
             raise
+
+    def _open_tiles(self) -> None:
+        if self.fast_tiff:
+            self._tiles = TiffTiles.open(self.path, self.info.level_dimensions, self.info.level_downsamples,
+                                         lambda *box: np.array(self._openslide_region(*box)))
 
     def _make_info(self) -> SlideInfo:
         s, props = self._slide, self._slide.properties
@@ -255,6 +269,14 @@ class OpenSlideReader(SlideReader):
     def _region(self, level: int, x: int, y: int, w: int, h: int) -> Image.Image:
         if self._slide is None:
             raise SlideError(f"{self.path}: reader is closed; open the slide again")
+        if self._tiles is not None and level in self._tiles.pages:
+            try:
+                return Image.fromarray(self._tiles.region(level, x, y, w, h))
+            except Exception as e:  # noqa: BLE001 - a damaged tile: OpenSlide's error names it as such
+                raise SlideError(_read_failed(self.path, e)) from None
+        return self._openslide_region(level, x, y, w, h)
+
+    def _openslide_region(self, level: int, x: int, y: int, w: int, h: int) -> Image.Image:
         ds = self.info.level_downsamples[level]
         try:
             img = self._slide.read_region((round(x * ds), round(y * ds)), level, (w, h))
@@ -265,7 +287,9 @@ class OpenSlideReader(SlideReader):
     def close(self) -> None:
         if getattr(self, "_slide", None) is not None:
             self._slide.close()
-        self._slide = None
+        if getattr(self, "_tiles", None) is not None:
+            self._tiles.close()
+        self._slide = self._tiles = None
 
     def __getstate__(self) -> dict:
         return {"path": str(self.path), "mpp": self._mpp, "info": self.info}
@@ -273,6 +297,8 @@ class OpenSlideReader(SlideReader):
     def __setstate__(self, state: dict) -> None:
         self.path, self._mpp, self.info = Path(state["path"]), state["mpp"], state["info"]
         self._slide = _open(self.path)  # info (and its probe) travel with the pickle
+        self._tiles = None
+        self._open_tiles()
 
 
 class ArraySlide(SlideReader):

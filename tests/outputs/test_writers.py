@@ -317,3 +317,54 @@ def test_write_json_atomic(tmp_path):
 def test_slide_ids_that_cannot_be_folders_are_rejected(bad):
     with pytest.raises(ValueError):
         W.slide_paths("/tmp/out", bad)
+
+
+def test_held_label_chunks_are_read_back_repainted_and_stored_once(tmp_path):
+    """write_labels holds the last chunks in memory: reads see them, a repaint replaces them,
+    and what close stores is the last content of every chunk (also of those pushed out of
+    the hold early), pyramid included; abort stores nothing."""
+    import nucleiflow.pipeline.outputs.omezarr as Z
+
+    w = OmeZarrWriter(tmp_path / "m.ome.zarr", (40, 100), mpp=0.5, chunk=16)
+    assert w._hold == 9  # 7 chunk columns + 2
+    boxes = [Box(x, y, min(x + 16, 100), min(y + 16, 40)) for y in range(0, 40, 16) for x in range(0, 100, 16)]
+    expect = np.zeros((40, 100), np.int32)
+    for i, b in enumerate(boxes):
+        chunk = np.full((b.height, b.width), i + 1, np.int32)
+        w.write_labels(b, chunk)
+        chunk[:] = -5  # the writer keeps its own copy
+        expect[b.y0:b.y1, b.x0:b.x1] = i + 1
+    first = boxes[0]  # pushed out of the hold by now: read back from the store
+    again = w.read_labels(first)
+    assert (again == 1).all()
+    again[0, 0] = 99
+    w.write_labels(first, again)
+    expect[0, 0] = 99
+    assert w.read_labels(first)[0, 0] == 99 and w.read_labels(boxes[-1])[0, 0] == len(boxes)
+    w.close()
+    root = zarr.open_group(str(tmp_path / "m.ome.zarr"), mode="r")
+    np.testing.assert_array_equal(root["labels/nuclei/0"][:], expect)
+    np.testing.assert_array_equal(root["labels/nuclei/1"][:], expect[::2, ::2])
+
+    small = Z.HELD_BYTES
+    try:
+        Z.HELD_BYTES = 4 * 16 * 16  # room for one chunk: every write stores the one before
+        w = OmeZarrWriter(tmp_path / "n.ome.zarr", (32, 32), mpp=0.5, chunk=16)
+        assert w._hold == 1
+    finally:
+        Z.HELD_BYTES = small
+    w.write_labels(Box(0, 0, 16, 16), np.ones((16, 16), np.int32))
+    w.abort()
+    assert not (tmp_path / "n.ome.zarr").exists()
+
+
+def test_mean2_on_uint8_is_the_rounded_float_mean():
+    rng = np.random.default_rng(0)
+    for shape in [(1, 1), (3, 5), (64, 63), (255, 256)]:
+        a = rng.integers(0, 256, shape, dtype=np.uint8)
+        a.ravel()[: min(a.size, 8)] = [0, 1, 2, 3, 254, 255, 127, 128][: min(a.size, 8)]
+        b = np.pad(a, ((0, shape[0] % 2), (0, shape[1] % 2)), mode="edge").astype(np.float32)
+        ref = np.round(b.reshape(b.shape[0] // 2, 2, b.shape[1] // 2, 2).mean(axis=(1, 3))).astype(np.uint8)
+        np.testing.assert_array_equal(mean2(a), ref)
+    ties = np.array([[0, 0, 1, 1, 2, 2], [1, 1, 2, 2, 3, 3]], np.uint8)  # means 0.5, 1.5, 2.5
+    assert mean2(ties).tolist() == [[0, 2, 2]]

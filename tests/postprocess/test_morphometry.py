@@ -191,3 +191,18 @@ def test_monuseg_tile_polygons_are_valid(shared_data):
     assert (shapely.get_type_id(t["geometry"]) == 3).all()  # Polygon, never Multi
     ratio = shapely.area(t["geometry"]) / t["area_px"]
     assert 0.9 < ratio.min() and ratio.max() < 1.05  # outlines hug the pixels
+
+
+def test_perimeters_of_all_nuclei_match_skimage_to_the_bit():
+    """One pass over touching labels (an L, a diagonal bar, a hole, single pixels, array edges)
+    gives each nucleus exactly what skimage's perimeter gives its mask alone."""
+    lab = ellipses()
+    lab[0:4, 0:3] = 7  # on the array's corner
+    lab[50, 79] = 8  # a single pixel on the right edge
+    lab[44:50, 20:26] = 9
+    lab[46, 22] = 0  # a hole
+    lab[20:30, 38:42] = 10  # touches ellipse 2 with no background between
+    kept = np.unique(lab[lab > 0])
+    expected = [measure.perimeter(lab == k, neighborhood=4) for k in kept]
+    assert P.perimeters(lab, kept).tolist() == expected
+    assert P.perimeters(lab, kept[::2]).tolist() == expected[::2]

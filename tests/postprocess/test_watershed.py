@@ -229,3 +229,19 @@ def test_fixed_normalisation_is_translation_equivariant(shared_data):
         assert np.array_equal(b == other[0], m), f"object {lab} differs between the windows"
         checked += 1
     assert checked > 50
+
+
+def test_fill_holes_is_scipys_binary_fill_holes():
+    from nucleiflow.pipeline.postprocess.watershed import _fill_holes
+
+    rings = np.zeros((7, 14), bool)
+    rings[1:6, 1:6] = rings[1:6, 8:13] = True
+    rings[2:5, 2:5] = rings[2:5, 9:12] = False
+    rings[3, 8] = False  # the right ring is open to the background: nothing to fill there
+    filled = _fill_holes(rings)
+    assert filled[2:5, 2:5].all() and not filled[2:5, 9:12].any()
+    assert np.array_equal(filled & ~rings, np.pad(np.ones((3, 3), bool), ((2, 2), (2, 9))))
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        m = rng.random((int(rng.integers(1, 30)), int(rng.integers(1, 30)))) < rng.random()
+        assert np.array_equal(_fill_holes(m), ndi.binary_fill_holes(m))

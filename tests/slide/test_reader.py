@@ -255,3 +255,48 @@ def test_truncated_tiles_fail_at_open(tmp_path, cmu_slide, monkeypatch):
 def test_no_mpp_needs_an_override(tcga_slide):
     assert_one_line_error(tcga_slide, "--mpp", "microns-per-pixel")
     assert_one_line_error(tcga_slide, "--mpp", "positive", mpp=-1.0)
+
+
+def _fast_and_openslide(path, mpp=None):
+    fast = slides.OpenSlideReader(path, mpp)
+    slow = slides.OpenSlideReader.__new__(slides.OpenSlideReader)
+    slow.fast_tiff = False  # the instance attribute shadows the class default
+    slow.__init__(path, mpp)
+    return fast, slow
+
+
+@pytest.mark.parametrize("name", ["cmu", "mosaic", "zlib"])
+def test_tiff_tiles_read_what_openslide_reads(name, cmu_slide, mosaic_tool, tmp_path):
+    """Regions decoded straight from the TIFF tiles equal OpenSlide's, on JPEG (SVS RGB with
+    JPEG tables; a generic YCbCr pyramid) and zlib tiles, at every level, across tile and
+    slide edges, and in a pickled copy."""
+    if name == "cmu":
+        path = cmu_slide
+    elif name == "mosaic":
+        subprocess.run([sys.executable, str(mosaic_tool), str(cmu_slide.parents[1] / "monuseg"), "--split", "test",
+                        "--cols", "2", "--rows", "2", "--seed", "1", "--no-labels", "--out", str(tmp_path / "m")],
+                       check=True, stdout=subprocess.DEVNULL)
+        path = tmp_path / "m.tiff"
+    else:
+        from slidefiles import write_tiff
+
+        rgb = np.random.default_rng(0).integers(0, 256, (700, 900, 3), dtype=np.uint8)
+        path = write_tiff(tmp_path / "z.tiff", rgb, 0.25)
+    fast, slow = _fast_and_openslide(path)
+    try:
+        assert slow._tiles is None
+        levels = sorted(fast._tiles.pages)
+        assert levels == list(range(fast.info.level_count))  # every level of these files
+        copy = pickle.loads(pickle.dumps(fast))
+        rng = np.random.default_rng(1)
+        w0, h0 = fast.info.width, fast.info.height
+        for _ in range(6):
+            x, y = int(rng.integers(-300, w0)), int(rng.integers(-300, h0))
+            for mpp in (fast.info.mpp_x, 2 * fast.info.mpp_x, 4 * fast.info.mpp_x, 0.37):
+                a = fast.read(x, y, 500, 333, mpp)
+                np.testing.assert_array_equal(a, slow.read(x, y, 500, 333, mpp))
+                np.testing.assert_array_equal(a, copy.read(x, y, 500, 333, mpp))
+        copy.close()
+    finally:
+        fast.close()
+        slow.close()
