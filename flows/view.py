@@ -160,6 +160,15 @@ def virtual_display(canvas_px: tuple[int, int], timeout_s: float = 30.0) -> Iter
                 proc.wait()
 
 
+def layer_facts(layer: Any) -> dict[str, Any]:
+    """Name, visibility, um/px, top-left corner and size (y, x um) of a napari layer's level 0."""
+    shape = (layer.data[0] if layer.multiscale else layer.data).shape[:2]
+    scale, translate = [float(v) for v in layer.scale[-2:]], [float(v) for v in layer.translate[-2:]]
+    return {"name": layer.name, "type": type(layer).__name__, "visible": bool(layer.visible), "scale": scale,
+            "corner_um": [t - s / 2 for t, s in zip(translate, scale)],
+            "size_um": [n * s for n, s in zip(shape, scale)]}
+
+
 def _new_viewer(results: SlideResults) -> tuple[Any, dict[str, Any]]:
     napari = require_napari()
     viewer = napari.Viewer(show=True, title="nucleiflow")
@@ -181,10 +190,9 @@ def screenshot(results: SlideResults, path: str | os.PathLike, zoom: float = 1.0
             viewer.camera.center, viewer.camera.zoom = centre, cam_zoom
             # size= renders at exactly these pixels with the camera above (not the window's).
             viewer.screenshot(path=str(path), size=canvas_px, canvas_only=True, flash=False)
-            return {"layers": [{"name": lay.name, "visible": bool(lay.visible), "scale": list(lay.scale),
-                                "translate": list(lay.translate), "type": type(lay).__name__}
-                               for lay in viewer.layers],
-                    "camera": {"center": list(viewer.camera.center)[-2:], "zoom": viewer.camera.zoom},
+            return {"layers": [layer_facts(lay) for lay in viewer.layers],
+                    "camera": {"center": [float(c) for c in list(viewer.camera.center)[-2:]],
+                               "zoom": float(viewer.camera.zoom)},
                     "canvas_px": list(canvas_px), "path": str(path)}
         finally:
             viewer.close()
@@ -203,7 +211,12 @@ def show(results: SlideResults, zoom: float = 1.0) -> None:
 
 
 def summary(info: dict[str, Any]) -> str:
-    """One line per layer for the CLI: name, shown/hidden, um per px."""
-    return "\n".join(f"{lay['name']:<20} {'shown' if lay['visible'] else 'hidden':<6} "
-                     f"{lay['scale'][-1]:.4g} um/px" for lay in info["layers"])
-
+    """What a screenshot drew, for the CLI: a line per layer (shown or hidden, um/px, the
+    top-left corner and size in um: equal corners and sizes = aligned) and the camera."""
+    lines = [f"{lay['name']:<20} {'shown' if lay['visible'] else 'hidden':<6} {lay['scale'][-1]:.4g} um/px, "
+             f"corner ({lay['corner_um'][0]:.4g}, {lay['corner_um'][1]:.4g}) um, "
+             f"{lay['size_um'][0]:.1f} x {lay['size_um'][1]:.1f} um" for lay in info["layers"]]
+    c = info["camera"]
+    lines.append(f"camera: centre ({c['center'][0]:.2f}, {c['center'][1]:.2f}) um, zoom {c['zoom']:.5g} px/um, "
+                 f"canvas {info['canvas_px'][1]}x{info['canvas_px'][0]} px")
+    return "\n".join(lines)
