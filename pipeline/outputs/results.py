@@ -105,7 +105,14 @@ def open_source_slide(rec: dict, slide_dir: Path, slide: str | os.PathLike | Non
             raise ResultsError(f"{rec['path']}: the slide of {slide_dir} is not there (moved or renamed?); "
                                "pass its new path with --slide PATH")
         slide = found[0]
-    reader = open_slide(slide, mpp=mpp)
+    try:
+        reader = open_slide(slide, mpp=mpp)
+    except SlideError:
+        if mpp is not None:
+            raise
+        # No (or implausible) mpp tags: not the slide the run read them from, unless its
+        # fingerprint says so; open it at the run's mpp so the check below can say which.
+        reader = open_slide(slide, mpp=facts["mpp_x"])
     if reader.info.fingerprint != rec.get("slide_fingerprint"):
         reader.close()
         raise ResultsError(f"{slide}: not the slide segmented into {slide_dir} (fingerprint "
