@@ -275,11 +275,12 @@ def view(
     zoom: float = typer.Option(1.0, "--zoom", min=1.0,
                                help="Zoom in this many times from the whole slide, centred on its densest nuclei."),
 ) -> None:
-    """The slide's H&E with its nuclei (contours), tissue and nucleus probability in napari.
+    r"""The slide's H&E with its nuclei (contours), tissue and nucleus probability in napari.
 
-    Needs the viewer extra (pip install -e '.[viewer]'). Layers: "H&E", "nucleus
+    Needs the viewer extra (pip install -e '.\[viewer]'). Layers: "H&E", "nucleus
     probability" (hidden), "tissue" (hidden), "nuclei"; all in micrometres.
     """
+    # (The backslash above stops rich, which renders --help, from eating "[viewer]" as markup.)
     from nucleiflow.flows.view import ViewError, require_napari, screenshot as render, show, summary
     from nucleiflow.pipeline.outputs.results import open_results
     from nucleiflow.pipeline.slide.reader import SlideError
