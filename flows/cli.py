@@ -328,6 +328,38 @@ def export_qupath(
     typer.echo(f"{n} detections written to {path}")
 
 
+@app.command()
+def view(
+    slide_dir: Path = typer.Argument(..., help="A slide's output folder, <out>/<slide_id>."),
+    slide: Optional[Path] = typer.Option(None, "--slide", help="The slide file, when it moved since run.json was written."),
+    screenshot: Optional[Path] = typer.Option(
+        None, "--screenshot", help="Render the view to this PNG and exit (no display needed; uses Xvfb)."),
+    zoom: float = typer.Option(1.0, "--zoom", min=1.0,
+                               help="Zoom in this many times from the whole slide, centred on its densest nuclei."),
+) -> None:
+    r"""The slide's H&E with its nuclei (contours), tissue and nucleus probability in napari.
+
+    Needs the viewer extra (pip install -e '.\[viewer]'). Layers: "H&E", "nucleus
+    probability" (hidden), "tissue" (hidden), "nuclei"; all in micrometres.
+    """
+    # (The backslash above stops rich, which renders --help, from eating "[viewer]" as markup.)
+    from nucleiflow.flows.view import ViewError, require_napari, screenshot as render, show, summary
+    from nucleiflow.pipeline.outputs.results import open_results
+    from nucleiflow.pipeline.slide.reader import SlideError
+
+    try:
+        require_napari()  # the missing extra first: it is the one fix that always applies
+        with open_results(slide_dir, slide) as results:
+            if screenshot is None:
+                show(results, zoom)
+                return
+            info = render(results, screenshot, zoom)
+    except (ViewError, SlideError) as e:
+        fail(str(e))
+    typer.echo(summary(info))
+    typer.echo(f"screenshot written to {screenshot}")
+
+
 def _register_deploy() -> None:
     from nucleiflow.flows.deploy import deploy_command
 

@@ -2,11 +2,17 @@
 from __future__ import annotations
 
 import os
+import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text()
+CLI = Path(sys.executable).parent / "nucleiflow"
 
 
 def shared_dir() -> Path:
@@ -42,3 +48,26 @@ def mosaic_tool(shared_data: Path) -> Path:
     if not tool.is_file():
         pytest.fail(f"{tool} not found: it ships in ../shared/tools", pytrace=False)
     return tool
+
+
+def setup_segment_command() -> list[str]:
+    """The `nucleiflow segment ...` part of README set-up command 1, as argv."""
+    block = re.search(r"## Set-up.*?```bash\n(.*?)```", README, re.S).group(1)
+    line = next(ln for ln in block.splitlines() if "nucleiflow segment" in ln)
+    cmd = line[line.index("nucleiflow segment"):].split("&&")[0]
+    return shlex.split(cmd)
+
+
+@pytest.fixture(scope="session")
+def readme_run(tmp_path_factory, shared_data) -> tuple[Path, subprocess.CompletedProcess]:
+    """README set-up command 1's `nucleiflow segment` of the real CMU slide, run as written
+    (`out` in a temp folder): one segmented output for every test that reads one."""
+    argv = setup_segment_command()
+    assert argv[:2] == ["nucleiflow", "segment"] and "--out" in argv
+    out = tmp_path_factory.mktemp("readme") / "out"
+    argv[argv.index("--out") + 1] = str(out)
+    # The README runs from the repository root, where ../shared sits beside the checkout.
+    argv = [str(CLI)] + [str(shared_data / a.split("data/", 1)[1]) if a.startswith("../shared/data/") else a
+                         for a in argv[1:]]
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=900)
+    return out, proc

@@ -1,49 +1,26 @@
 """The README's main command and its "Opening results" snippets, run as written.
 
 Set-up command 1 ends in `nucleiflow segment <real slide> --out out` with the bundled
-default model; this runs that exact command (with `out` moved to a temp folder), then the
-Python block of "Opening results" on what it wrote, then the resume and QuPath commands.
+default model; the session fixture `readme_run` (conftest.py) runs that exact command (with
+`out` moved to a temp folder); here the Python block of "Opening results" runs on what it
+wrote, then the resume and QuPath commands (tests/flows/test_view.py: the napari line).
 """
 from __future__ import annotations
 
 import json
 import re
-import shlex
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
 CLI = Path(sys.executable).parent / "nucleiflow"
 
 
-def setup_segment_command() -> list[str]:
-    """The `nucleiflow segment ...` part of set-up command 1, as argv."""
-    block = re.search(r"## Set-up.*?```bash\n(.*?)```", README, re.S).group(1)
-    line = next(ln for ln in block.splitlines() if "nucleiflow segment" in ln)
-    cmd = line[line.index("nucleiflow segment"):].split("&&")[0]
-    return shlex.split(cmd)
-
-
 def opening_results_snippet() -> str:
     section = README[README.index("## Opening results"):]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
-
-
-@pytest.fixture(scope="module")
-def readme_run(tmp_path_factory, shared_data) -> tuple[Path, subprocess.CompletedProcess]:
-    argv = setup_segment_command()
-    assert argv[:2] == ["nucleiflow", "segment"] and "--out" in argv
-    out = tmp_path_factory.mktemp("readme") / "out"
-    argv[argv.index("--out") + 1] = str(out)
-    # The README runs from the repository root, where ../shared sits beside the checkout.
-    argv = [str(CLI)] + [str(shared_data / a.split("data/", 1)[1]) if a.startswith("../shared/data/") else a
-                         for a in argv[1:]]
-    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=900)
-    return out, proc
 
 
 def test_main_command_segments_the_real_slide(readme_run):
