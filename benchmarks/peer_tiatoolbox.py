@@ -21,7 +21,8 @@ Each runs at its natural resolution: HoVerNet's io config at 0.25 um/px, nucleif
 at its card's mpp (0.5 um/px for the bundled models: 4x fewer pixels). So speed is also
 given per slide area: level-0 Mpx of slide per second, end to end and for the slide alone.
 End to end = the subprocess's wall time (interpreter, imports, and for nucleiflow Prefect's
-temporary server). Prints figures only; asserts nothing. Wall times on a shared CPU are only
+temporary server, with ~/.cache/nucleiflow-bench/prefect as PREFECT_HOME unless one is set:
+the first run there also creates Prefect's database). Prints figures only; asserts nothing. Wall times on a shared CPU are only
 as steady as the CPU.
 """
 from __future__ import annotations
@@ -41,6 +42,7 @@ SHARED = Path(os.environ.get("NUCLEIFLOW_SHARED", REPO.parent / "shared"))
 RUNNER = Path(__file__).resolve().parent / "_tia_runner.py"
 DEFAULT_TIA_PYTHON = Path(os.environ.get("NUCLEIFLOW_TIA_PYTHON", REPO.parent / "tiavenv" / "bin" / "python"))
 SLIDE_MPP = 0.25  # mosaic_slide.py's default, and HoVerNet's io config
+PREFECT_HOME = Path.home() / ".cache" / "nucleiflow-bench" / "prefect"
 
 
 def venv_recipe(tia_python: Path) -> str:
@@ -95,15 +97,19 @@ def mosaic(prefix: Path, dataset: Path, split: str, cols: int, rows: int, seed: 
     return json.loads(meta.read_text())
 
 
-def thread_env(threads: int, work: Path) -> dict:
+def thread_env(threads: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     env.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
-    env.setdefault("PREFECT_HOME", str(work / "prefect"))
+    # A Prefect home of its own that outlives the run: only the first run pays for creating
+    # Prefect's database, as on a lab's machine; and no other user's server shares it.
+    env.setdefault("PREFECT_HOME", str(PREFECT_HOME))
     return env
 
 
-def timed(cmd: list[str], env: dict, log: Path) -> float:
-    """Wall seconds of ``cmd``; its output goes to ``log``; a failure exits with the log's tail."""
+def timed(cmd: list[str], env: dict, log: Path) -> tuple[float, tuple[float, float]]:
+    """Wall seconds of ``cmd`` and the 1-min load average before and after it; its output
+    goes to ``log``; a failure exits with the log's tail."""
+    load = os.getloadavg()[0]
     t0 = time.perf_counter()
     with open(log, "w") as f:
         rc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
@@ -111,16 +117,16 @@ def timed(cmd: list[str], env: dict, log: Path) -> float:
     if rc != 0:
         tail = "\n".join(log.read_text().splitlines()[-20:])
         sys.exit(f"{cmd[0]} ... exited {rc} (log {log}):\n{tail}")
-    return wall
+    return wall, (load, os.getloadavg()[0])
 
 
 def run_nucleiflow(slide: Path, work: Path, a: argparse.Namespace) -> dict:
     out = work / "nucleiflow"
     cmd = [sys.executable, "-c", "from nucleiflow.flows.cli import app; app()", "segment", str(slide),
            "--out", str(out), "--model", a.model, "--device", a.device]
-    wall = timed(cmd, thread_env(a.threads, work), work / "nucleiflow.log")
+    wall, load = timed(cmd, thread_env(a.threads), work / "nucleiflow.log")
     rec = json.loads((out / slide.stem / "run.json").read_text())
-    return {"end_to_end_s": wall, "slide_s": rec["timings_s"]["total"], "timings_s": rec["timings_s"],
+    return {"end_to_end_s": wall, "load_avg": load, "slide_s": rec["timings_s"]["total"], "timings_s": rec["timings_s"],
             "model_mpp": rec["model_mpp"], "nuclei": rec["nuclei"], "tiles": rec["tiles"],
             "model": a.model, "config": rec["config"]}
 
@@ -129,9 +135,9 @@ def run_tia(slide: Path, work: Path, a: argparse.Namespace) -> dict:
     result = work / "tia.json"
     cmd = [str(a.tia_python), str(RUNNER), str(slide), "--save-dir", str(work / "tia"), "--threads",
            str(a.threads), "--device", a.device, "--batch-size", str(a.tia_batch_size), "--result", str(result)]
-    wall = timed(cmd, thread_env(a.threads, work), work / "tia.log")
+    wall, load = timed(cmd, thread_env(a.threads), work / "tia.log")
     rec = json.loads(result.read_text())
-    return {"end_to_end_s": wall, **rec, "model_mpp": rec["io"]["input_resolutions"][0]["resolution"]}
+    return {"end_to_end_s": wall, "load_avg": load, **rec, "model_mpp": rec["io"]["input_resolutions"][0]["resolution"]}
 
 
 def report(facts: dict, nf: dict, tia: dict, a: argparse.Namespace) -> dict:
@@ -162,6 +168,7 @@ def report(facts: dict, nf: dict, tia: dict, a: argparse.Namespace) -> dict:
         ("slide Mpx/s end to end", f"{nf['mpx_per_s_end_to_end']:.4f}", f"{tia['mpx_per_s_end_to_end']:.4f}"),
         ("slide Mpx/s, slide alone", f"{nf['mpx_per_s_slide']:.4f}", f"{tia['mpx_per_s_slide']:.4f}"),
         ("nuclei", f"{nf['nuclei']}", "(random weights: not meaningful)"),
+        ("1-min load before/after", "%.1f / %.1f" % nf["load_avg"], "%.1f / %.1f" % tia["load_avg"]),
     ]
     print(f"{'':<26}{'nucleiflow segment':<36}TIAToolbox HoVerNet-fast")
     for name, x, y in lines:
