@@ -55,7 +55,7 @@ def from_crops(crops: Tensor, grid: tuple[int, int], size: tuple[int, int],
 
 
 class GoLo(nn.Module):
-    """(B,3,H,W) RGB in [0,1] -> {"mask", "coarse"[, "marker"]}: (B,1,H,W) logits each.
+    """(B,3,H,W) RGB in [0,1] -> {"mask" | "np"+"hv", "coarse"[, "marker"]}: raw outputs.
 
     global_scale: stage-1 input size / tile size (paper: whole image resized to 224).
     crop: local crop side in px at input resolution (paper: 100).
@@ -63,6 +63,9 @@ class GoLo(nn.Module):
         and its outputs resized back (paper: 100 -> 224, i.e. 2.24); 1.0 = no resize.
     context: px of context ring around each crop (local+global views paper: 64).
     marker: stage 2 also predicts USE-Net shape markers.
+    hv: stage 2 carries HoVer-Net's NP + HV heads ("np" (B,2,H,W) logits, "hv" (B,2,H,W))
+        instead of "mask", so its maps go through the same HV watershed as the student's
+        (GoLo is architecture-agnostic; this makes it a teacher the student can distil).
     detach_coarse: stage 1 learns only from its own loss, as in the paper where the
         stage-1 mask is an input to stage 2; False trains both end to end.
     """
@@ -70,17 +73,18 @@ class GoLo(nn.Module):
     def __init__(self, base_channels: int = 16, depth: int = 4, global_scale: float = 0.25,
                  crop: int = 64, local_scale: float = 1.0, context: int = 0,
                  marker: bool = False, se: bool = False, norm: str = "batch",
-                 detach_coarse: bool = True) -> None:
+                 detach_coarse: bool = True, hv: bool = False) -> None:
         super().__init__()
         if not (0 < global_scale and 0 < local_scale and crop > 0 and context >= 0):
             raise ValueError("global_scale, local_scale and crop must be > 0, context >= 0")
         self.in_channels = 3
         self.global_scale, self.local_scale = global_scale, local_scale
         self.crop, self.context, self.detach_coarse = crop, context, detach_coarse
-        self.outputs = {"mask": 1, "coarse": 1} | ({"marker": 1} if marker else {})
+        local_heads = ({"np": 2, "hv": 2} if hv else {"mask": 1}) | {"marker": int(marker)}
+        self.outputs = {k: c for k, c in local_heads.items() if c} | {"coarse": 1}
         unet = dict(base_channels=base_channels, depth=depth, se=se, norm=norm)
         self.global_net = UNet(3, {"mask": 1}, **unet)
-        self.local_net = UNet(4, {"mask": 1, "marker": int(marker)}, **unet)
+        self.local_net = UNet(4, local_heads, **unet)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         h, w = x.shape[-2:]

@@ -20,6 +20,9 @@ import torch
 from nucleiflow.models import losses
 from nucleiflow.models.checkpoint import load_checkpoint
 from nucleiflow.models.registry import create_model
+from nucleiflow.models.golo import GoLo
+from nucleiflow.models.unet import UNet
+from nucleiflow.models.widen import widen_unet
 from nucleiflow.pipeline.train.config import DataConfig, TrainConfig
 from nucleiflow.pipeline.train.datasets import AnnotatedDataset, read_splits, validation_split
 from nucleiflow.pipeline.train.sampler import PatchSampler, tiles
@@ -36,7 +39,10 @@ def _loss(arch: str, out: dict, tgt: dict | None, teacher_out: dict | None, cfg:
         assert t is not None
         return losses.hover_unet_loss(out, tgt, teacher_out, alpha=t.alpha, T=t.temperature)[0]
     if arch == "student" or "hv" in out:
-        return losses.student_loss(out, tgt)[0]
+        total = losses.student_loss(out, tgt)[0]
+        if "coarse" in out:  # GoLo with NP + HV heads: its global stage learns the mask
+            total = total + losses.bce_dice(out["coarse"], tgt["mask"])
+        return total
     if arch == "twostage":
         return losses.twostage_loss(out, tgt, stage=stage or "finetune")[0]
     return losses.golo_loss(out, tgt)[0]
@@ -86,8 +92,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     splits, sampler, val_batches = _data(cfg, log)
     model = create_model(cfg.arch, **cfg.kwargs).to(device)
     if cfg.init:
-        model.load_state_dict(load_checkpoint(cfg.init, map_location=device)[0].state_dict())
-        log(f"initial weights: {cfg.init}")
+        log(initial_weights(model, cfg.init))
     teacher, unlabelled = _teacher(cfg, device, log)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.train.epochs, eta_min=cfg.train.lr * 0.05)
@@ -138,6 +143,30 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         "splits": splits, "sampled": dict(zip((d.root for d in cfg.data), sampler.counts)),
         "device": str(device), "hardware": hardware(device),
     }
+
+
+def initial_weights(model: torch.nn.Module, init: str) -> str:
+    """Load checkpoint `init` into `model`; a narrower U-Net of the same depth is widened
+    (Net2Net, models/widen.py) so a wide teacher starts from the student's accuracy."""
+    src = load_checkpoint(init, map_location="cpu")[0]
+    src_shapes = {k: v.shape for k, v in src.state_dict().items()}
+    dst_shapes = {k: v.shape for k, v in model.state_dict().items()}
+    if src_shapes == dst_shapes:
+        model.load_state_dict(src.state_dict())
+        return f"initial weights: {init}"
+    device = next(model.parameters()).device
+    if isinstance(src, UNet) and isinstance(model, GoLo):
+        # Both GoLo stages start as the trained U-Net: the global one on the downscaled tile
+        # (its "np" head as a "mask" logit), the local one with a zero-weight coarse input.
+        widen_unet(src, model.global_net.cpu())
+        widen_unet(src, model.local_net.cpu())
+        model.to(device)
+        return f"initial weights: {init}, both GoLo stages from its U-Net"
+    if not (isinstance(src, UNet) and isinstance(model, UNet)):
+        raise ValueError(f"init {init!r}: its weights do not fit this model and only U-Nets can be widened")
+    widen_unet(src, model.cpu()).to(device)
+    return f"initial weights: {init}, widened (Net2Net) from {src.down[0][0].out_channels} to " \
+           f"{model.down[0][0].out_channels} base channels"
 
 
 def _data(cfg: TrainConfig, log: Callable[[str], None]) -> tuple[list, PatchSampler, list[dict]]:

@@ -27,6 +27,8 @@ CASES = {
              {"mask": 1, "coarse": 1, "marker": 1}),
     "golo-context-scaled": ("golo", dict(base_channels=8, depth=2, crop=24, context=8,
                                          local_scale=1.5), 3, {"mask": 1, "coarse": 1}),
+    "golo-hv": ("golo", dict(base_channels=8, depth=2, crop=32, context=8, hv=True, marker=True), 3,
+                {"np": 2, "hv": 2, "marker": 1, "coarse": 1}),
     "twostage": ("twostage", dict(stage1=dict(base_channels=8, depth=2)), 3,
                  {"mask": 1, "coarse": 1}),
     "student": ("student", dict(base_channels=8, depth=3, n_types=3), 3,
