@@ -14,3 +14,9 @@ def write_tiff(path: Path, rgb: np.ndarray, mpp: float | None) -> Path:
     with tifffile.TiffWriter(path) as tw:
         tw.write(rgb, tile=(256, 256), photometric="rgb", compression="zlib", subfiletype=0, **kw)
     return path
+
+
+def write_manifest(path: Path, rows: list[tuple[Path, float | None, str]]) -> Path:
+    """A batch manifest CSV (path, mpp, slide_id); mpp None leaves the cell empty."""
+    path.write_text("path,mpp,slide_id\n" + "".join(f"{p},{'' if m is None else m},{s}\n" for p, m, s in rows))
+    return path

@@ -3,7 +3,8 @@
 One real batch (the `golo` model on tiny real slides) holding every kind of bad input, run
 once through the flow in-process under Prefect's test harness, with one test per input;
 then the CLI (exit codes), two concurrent CLI batches on one folder, and a 2-worker Dask
-cluster. Claims are in test_claims.py, the summary pieces in test_summary.py.
+cluster. Claims are in test_claims.py, the summary pieces in test_summary.py, pools shared by
+a batch in test_batch_pools.py; the fixtures in conftest.py.
 """
 from __future__ import annotations
 
@@ -21,8 +22,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import zarr
-from PIL import Image
-from slidefiles import write_tiff
+from slidefiles import write_manifest
 
 from nucleiflow.pipeline.outputs.atomic import write_json_atomic
 from nucleiflow.pipeline.outputs.geoparquet import GeoParquetWriter
@@ -34,50 +34,6 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 MODEL, TILE = "golo", 512
 FAILING = {"missing", "corrupt", "truncated", "truncated_tiff", "nompp", "blocked", "diskfull", "diskfull_late"}
-
-
-@pytest.fixture(scope="module")
-def prefect_api() -> str:
-    """One temporary Prefect API (its URL) for this module's flow runs, in-process and in
-    CLI subprocesses alike (as batches share a real server; none starts its own)."""
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield PREFECT_API_URL.value()
-
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory, shared_data, mosaic_tool, cmu_slide) -> dict[str, Path]:
-    """Tiny real slides and broken files:
-
-    good: a 1 x 1 MoNuSeg mosaic (one tile); nompp: a 512 px H&E crop in a TIFF without
-    resolution tags; blank: glass; corrupt: random bytes named .svs; truncated: the first
-    half of CMU-1-Small-Region.svs (OpenSlide refuses it); truncated_tiff: a tiled TIFF cut
-    in its pixel data (it opens, its tiles do not read); missing: a path with no file.
-    """
-    d = tmp_path_factory.mktemp("inputs")
-    subprocess.run([sys.executable, str(mosaic_tool), str(shared_data / "monuseg"), "--split", "test",
-                    "--cols", "1", "--rows", "1", "--tissue", "1", "--no-labels", "--out", str(d / "mosaic")],
-                   check=True, capture_output=True)
-    image = min((shared_data / "monuseg" / "images").glob("*.png"))
-    rgb = np.array(Image.open(image).convert("RGB"))
-    write_tiff(d / "nompp.tiff", rgb[:512, :512], mpp=None)
-    data = write_tiff(d / "whole.tiff", rgb, mpp=0.25).read_bytes()
-    (d / "truncated.tiff").write_bytes(data[: len(data) * 6 // 10])
-    glass = np.random.default_rng(0).normal(0, 1.5, (512, 768, 3)) + [243, 242, 240]
-    write_tiff(d / "blank.tiff", np.clip(glass, 0, 255).astype(np.uint8), mpp=0.5)
-    (d / "corrupt.svs").write_bytes(np.random.default_rng(1).bytes(200_000))
-    data = cmu_slide.read_bytes()
-    (d / "truncated.svs").write_bytes(data[: len(data) // 2])
-    return {"good": d / "mosaic.tiff", "nompp": d / "nompp.tiff", "blank": d / "blank.tiff",
-            "corrupt": d / "corrupt.svs", "truncated": d / "truncated.svs", "truncated_tiff": d / "truncated.tiff",
-            "missing": d / "missing.svs"}
-
-
-def write_manifest(path: Path, rows: list[tuple[Path, float | None, str]]) -> Path:
-    path.write_text("path,mpp,slide_id\n" + "".join(f"{p},{'' if m is None else m},{s}\n" for p, m, s in rows))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -249,49 +205,6 @@ def test_output_folder_not_writable_fails_before_any_slide(prefect_api, inputs, 
     (tmp_path / "afile").write_text("not a folder")  # root ignores permissions, not this
     with pytest.raises(OutputNotWritable, match="output folder is not writable"):
         segment_slides(slides=[str(inputs["good"])], out=str(tmp_path / "afile" / "out"), model=MODEL)
-
-
-# -- one set of pools for the whole batch -------------------------------------------------------
-def _pooled_batch(out: Path, rows: list[tuple[Path, float | None, str]]) -> dict:
-    from nucleiflow.flows.segment import batch_report, segment_slides
-
-    out.mkdir(parents=True)
-    manifest = write_manifest(out.parent / f"{out.name}.csv", rows)
-    state = segment_slides(slides=[str(manifest)], out=str(out), model=MODEL, device="cpu", tile_size=TILE,
-                           readers=1, workers=1, return_state=True)
-    return {r["slide_id"]: r for r in batch_report(state)["slides"]}
-
-
-def test_a_batch_starts_its_pools_once_and_stops_them(prefect_api, inputs, tmp_path):
-    import geopandas as gpd
-    import psutil
-
-    out = tmp_path / "batch"
-    rows = _pooled_batch(out, [(inputs["good"], None, "a"), (inputs["truncated_tiff"], None, "bad"),
-                               (inputs["nompp"], 0.25, "b"), (inputs["good"], None, "c")])
-    assert [rows[s]["status"] for s in ("a", "bad", "b", "c")] == ["done", "failed", "done", "done"]
-    pools = [json.loads(slide_paths(out, s)["run_json"].read_text())["pools"] for s in ("a", "b", "c")]
-    assert all(p["starts"] == 1 for p in pools), "started once, by the first slide, for every slide"
-    assert pools[0]["pids"] == pools[1]["pids"] == pools[2]["pids"], "the same processes served every slide"
-    assert pools[0]["start_s"] == pools[2]["start_s"] > 0
-    assert (pools[0]["readers"], pools[0]["workers"], pools[0]["asked"]) == (1, 1, {"readers": 1, "workers": 1})
-    pids = pools[0]["pids"]["readers"] + pools[0]["pids"]["workers"]
-    assert len(pids) == 2 and not [p for p in pids if psutil.pid_exists(p)
-                                   and psutil.Process(p).status() != psutil.STATUS_ZOMBIE], "stopped"
-
-    # The same slide alone in its own batch (its own pools): the same nuclei, to the bit.
-    alone = tmp_path / "alone"
-    assert _pooled_batch(alone, [(inputs["good"], None, "a")])["a"]["status"] == "done"
-    one = json.loads(slide_paths(alone, "a")["run_json"].read_text())["pools"]
-    assert one["pids"] != pools[0]["pids"]
-    for folder in (out, alone):
-        assert zarr.open_group(str(slide_paths(folder, "a")["zarr"]), mode="r")["labels/nuclei/0"][:].max() > 0
-    np.testing.assert_array_equal(zarr.open_group(str(slide_paths(out, "a")["zarr"]), mode="r")["labels/nuclei/0"][:],
-                                  zarr.open_group(str(slide_paths(alone, "a")["zarr"]), mode="r")["labels/nuclei/0"][:])
-    batch_table = gpd.read_parquet(slide_paths(out, "a")["parquet"])
-    alone_table = gpd.read_parquet(slide_paths(alone, "a")["parquet"])
-    assert len(batch_table) == rows["a"]["nuclei"] > 0
-    pd.testing.assert_frame_equal(pd.DataFrame(batch_table.to_wkb()), pd.DataFrame(alone_table.to_wkb()))
 
 
 # -- the command line ---------------------------------------------------------------------------
