@@ -305,8 +305,9 @@ def _interrupted(jobs: list, out: Path, model: str, cfg: SegmentConfig) -> NoRet
     left = unfinished(jobs, out, model, cfg)
     named = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
     typer.echo(f"\nnucleiflow: interrupted: {len(left)} of {len(jobs)} slides not finished"
-               + (f" ({named}); their partial outputs were removed" if left else ""), err=True)
-    typer.echo("nucleiflow: re-run the same command to resume: finished slides are skipped", err=True)
+               + (f" ({named}); their finished tiles are kept" if left else ""), err=True)
+    typer.echo("nucleiflow: re-run the same command to resume: finished slides are skipped, an "
+               "interrupted slide runs only its remaining tiles", err=True)
     # The interpreter's last garbage collection walks every object left (torch, Prefect):
     # 5 s of a loaded 2-core box after the lines above. Nothing there needs finalising.
     gc.freeze()

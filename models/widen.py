@@ -57,6 +57,8 @@ def _norm(dst: nn.Module, src: nn.Module, out_map: Tensor) -> None:
 def _block(dst: DoubleConv, src: DoubleConv, in_map: Tensor, out_map: Tensor, noise: float,
            gen: torch.Generator) -> None:
     """Widen one DoubleConv in place: inputs copied by `in_map`, outputs by `out_map`."""
+    if any(isinstance(m, SqueezeExcite) for m in src):  # before anything is copied
+        raise NotImplementedError("widening squeeze-and-excitation blocks is not supported")
     maps = [in_map, out_map]
     convs = [m for m in src if isinstance(m, nn.Conv2d)]
     dconvs = [m for m in dst if isinstance(m, nn.Conv2d)]
@@ -66,8 +68,6 @@ def _block(dst: DoubleConv, src: DoubleConv, in_map: Tensor, out_map: Tensor, no
         _conv(d, s, maps[i], out_map, noise, gen)
     for d, s in zip(dnorms, norms):
         _norm(d, s, out_map)
-    if any(isinstance(m, SqueezeExcite) for m in src):
-        raise NotImplementedError("widening squeeze-and-excitation blocks is not supported")
 
 
 def widen_unet(src: UNet, dst: UNet, noise: float = 1e-2, seed: int = 0) -> UNet:
