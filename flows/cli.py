@@ -104,18 +104,28 @@ def main() -> None:  # pragma: no cover - console entry point
 @app.command()
 def train(
     config: Path = typer.Argument(..., help="Training YAML (see configs/)."),
+    retune: bool = typer.Option(False, "--retune", help="Do not train: choose the post-processing of the "
+                                "checkpoint this config trained (its `out`) again on its validation images, "
+                                "re-score the held-out splits and rewrite the card (weights unchanged)."),
 ) -> None:
     """Train, evaluate on held-out data, write the checkpoint + card, compare with the old one.
 
     Re-running the same config after an interruption resumes from the last finished epoch.
     """
-    from nucleiflow.flows.train import read_config, train_model
+    from nucleiflow.flows.train import read_config, retune_model, train_model
 
     try:
-        read_config(config)  # fail fast, before Prefect starts
+        cfg = read_config(config)  # fail fast, before Prefect starts
+        if retune:
+            from nucleiflow.flows.train import check_retune
+
+            card_path = Path(cfg.out) / "model.json"
+            if not card_path.is_file():
+                raise FileNotFoundError(f"{config}: out {cfg.out} holds no checkpoint to re-tune (train it first)")
+            check_retune(config, cfg, json.loads(card_path.read_text()))
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
-    train_model(str(config))
+    (retune_model if retune else train_model)(str(config))
 
 
 @app.command()

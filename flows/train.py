@@ -1,6 +1,8 @@
-"""Prefect flow `train-model`: train (or resume) -> evaluate on held-out data -> write the
-checkpoint and its card -> compare with the checkpoint it replaces. Logic lives in
-nucleiflow.pipeline.train.loop / evaluation / card; this module only orchestrates."""
+"""Prefect flows `train-model`: train (or resume) -> evaluate on held-out data -> write the
+checkpoint and its card -> compare with the checkpoint it replaces; and `retune-model`: choose
+a trained checkpoint's post-processing again on its validation images and re-score it. Logic
+lives in nucleiflow.pipeline.train.loop / tuning / evaluation / card; this module only
+orchestrates."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,15 +10,17 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from pydantic import ValidationError
 
-from nucleiflow.models.checkpoint import load_checkpoint, resolve, save_checkpoint, storage_roundtrip
+import datetime as dt
+
+from nucleiflow.models.checkpoint import load_checkpoint, resolve, save_card, save_checkpoint, storage_roundtrip
 from nucleiflow.pipeline.config import load_yaml
 from nucleiflow.pipeline.train.datasets import read_splits
 from nucleiflow.pipeline.train.evaluation import evaluate
 from nucleiflow.pipeline.infer.predictor import Predictor
-from nucleiflow.pipeline.train.card import build_card, compare_rows, render_markdown
-from nucleiflow.pipeline.train.tuning import tune_postprocess
+from nucleiflow.pipeline.train.card import build_card, compare_rows, metrics_record, render_markdown
+from nucleiflow.pipeline.train.tuning import GRIDS, OBJECTIVE, tune_postprocess
 from nucleiflow.pipeline.train.config import DataConfig, TrainConfig
-from nucleiflow.pipeline.train.loop import split_data, train
+from nucleiflow.pipeline.train.loop import split_data, split_records, train
 
 
 def read_config(path: str | Path) -> TrainConfig:
@@ -107,7 +111,7 @@ def tune_task(model, card: dict, cfg: TrainConfig, splits: list[tuple[list[str],
     best, score = tune_postprocess(Predictor(model, card, device=cfg.device), sets, card["postprocess"],
                                    tile_size=cfg.eval_tile_size)
     n = sum(len(v) for _, v in sets)
-    logger.info(f"post-processing tuned on {n} validation images: {best} (AJI {score:.4f})")
+    logger.info(f"post-processing tuned on {n} validation images: {best} ({OBJECTIVE} {score:.4f})")
     return best
 
 
@@ -144,3 +148,44 @@ def train_model(config: str) -> dict:
     for r in rows:
         print(f"{r[0]:<10} {r[1]:>8} {r[2]:>8} {r[3]:>8}")
     return {"checkpoint": path, "metrics": new["mean"], "old_metrics": old["mean"] if old else None, "table": rows}
+
+
+def check_retune(config: str | Path, cfg: TrainConfig, card: dict) -> list[tuple[list[str], list[str]]]:
+    """The config's (train, validation) names per data set, if its validation images are the
+    ones the checkpoint's card records (else tuning could pick thresholds on images the model
+    was trained on): ValueError naming the config otherwise."""
+    splits = split_records(cfg)
+    recorded = sorted((card.get("data") or {}).get("validation") or [])
+    if recorded != sorted(n for _, val in splits for n in val):
+        raise ValueError(f"{config}: its validation images are not those the card of {cfg.out} records "
+                         "(--retune takes the config that trained the checkpoint)")
+    return splits
+
+
+@flow(name="retune-model", log_prints=True)
+def retune_model(config: str) -> dict:
+    """Choose the post-processing of the checkpoint that ``config`` trained (at its ``out``)
+    again on the config's validation images (e.g. after the tuning grid or objective grew),
+    re-score every data set's held-out split and rewrite the card; the weights stay as they
+    are. Returns {"checkpoint", "postprocess", "metrics", "old_metrics", "table"}."""
+    cfg = read_config(config)
+    model, card = load_checkpoint(cfg.out)
+    splits = check_retune(config, cfg, card)
+    old = evaluate_task(model, card, cfg, "old")
+    post = tune_task(model, card, cfg, splits)
+    card = {**card, "postprocess": post,
+            "tuning": {"objective": OBJECTIVE, "grid": GRIDS[post["method"]],
+                       "validation_images": sum(len(v) for _, v in splits),
+                       "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}}
+    by_data = {Path(d.root).name: evaluate_task(model, card, cfg, "new", d) for d in cfg.data}
+    new = by_data[Path(cfg.primary.root).name]
+    card["metrics"] = metrics_record(new, by_data)
+    folder = save_card(cfg.out, card)
+    (folder / "README.md").write_text(render_markdown(card))
+    rows = compare_rows(old, new)
+    print(f"card rewritten: {folder / 'model.json'} (post-processing {post})")
+    print(f"{'metric':<10} {'old':>8} {'new':>8} {'delta':>8}")
+    for r in rows:
+        print(f"{r[0]:<10} {r[1]:>8} {r[2]:>8} {r[3]:>8}")
+    return {"checkpoint": str(folder), "postprocess": post, "metrics": new["mean"], "old_metrics": old["mean"],
+            "table": rows}

@@ -117,12 +117,35 @@ def load_checkpoint(name_or_path: str | os.PathLike,
     return model.to(map_location).eval(), card
 
 
+# Card entries that change what a checkpoint outputs (not its history or metrics): a
+# re-tuned threshold must make done slides count as not done with this model.
+_OUTPUT_KEYS = ("arch", "kwargs", "mpp", "normalisation", "postprocess")
+
+
+def save_card(folder: str | os.PathLike, card: dict[str, Any]) -> Path:
+    """Replace the card of the checkpoint in ``folder`` (its weights stay as they are), e.g.
+    with re-tuned post-processing; the card must still name the weights' architecture."""
+    folder = Path(folder)
+    stored = json.loads((folder / CARD).read_text())
+    if card.get("arch") != stored.get("arch") or card.get("kwargs") != stored.get("kwargs"):
+        raise ValueError(f"{folder / CARD}: a new card must keep arch and kwargs (the weights' shape)")
+    text = json.dumps(card, indent=2)
+    _replace_atomically(folder / CARD, lambda p: p.write_text(text + "\n"))
+    (folder / CARD).chmod(0o644)
+    return folder
+
+
 def model_hash(folder: str | os.PathLike, length: int = 16) -> str:
-    """Short sha256 hex digest of a checkpoint's weights file (folder, card path or name)."""
+    """Short sha256 hex digest of a checkpoint (folder, card path or name): its weights file
+    and the card entries that change its outputs (``_OUTPUT_KEYS``, e.g. post-processing)."""
+    folder = resolve(folder)
     digest = hashlib.sha256()
-    with open(resolve(folder) / WEIGHTS, "rb") as f:
+    with open(folder / WEIGHTS, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
+    if (folder / CARD).is_file():
+        card = json.loads((folder / CARD).read_text())
+        digest.update(json.dumps({k: card.get(k) for k in _OUTPUT_KEYS}, sort_keys=True).encode())
     return digest.hexdigest()[:length]
 
 

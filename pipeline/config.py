@@ -74,6 +74,8 @@ class _Params(BaseModel):
     (`postprocess.watershed`), so the card and the function never disagree on defaults."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # Every method: objects whose mean probability is below are dropped (0 / unset = none).
+    min_mean_prob: float | None = Field(None, ge=0, le=1)
 
     def params(self) -> dict[str, Any]:
         """Keyword arguments for the method's function (everything set, except ``method``)."""
@@ -127,8 +129,8 @@ class ModelCard(BaseModel):
     """A checkpoint's ``model.json``, validated when the checkpoint loads.
 
     Typed where the pipeline reads it (arch, mpp, outputs, normalisation, postprocess);
-    ``kwargs`` go to the model's constructor; ``training``, ``data`` and ``metrics`` are
-    free-form records (e.g. metrics per held-out data set) that only people read.
+    ``kwargs`` go to the model's constructor; ``training``, ``data``, ``metrics`` and
+    ``tuning`` are free-form records (e.g. metrics per held-out data set) that only people read.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -146,6 +148,7 @@ class ModelCard(BaseModel):
     training: dict[str, Any] = Field(default_factory=dict)
     data: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
+    tuning: dict[str, Any] = Field(default_factory=dict)  # how `train --retune` chose postprocess
 
     @field_validator("arch")
     @classmethod

@@ -28,7 +28,7 @@ from skimage.feature import peak_local_max
 from skimage.morphology import disk
 from skimage.segmentation import watershed
 
-from nucleiflow.pipeline.postprocess.labels import relabel_consecutive, remove_small
+from nucleiflow.pipeline.postprocess.labels import relabel_consecutive, remove_small, remove_unsure
 
 __all__ = [
     "METHODS",
@@ -281,14 +281,20 @@ METHODS: dict[str, Callable[..., np.ndarray]] = {
 """Post-processing methods by name: each takes (maps, **params) -> int32 labels (H, W)."""
 
 
-def postprocess(maps: Mapping[str, np.ndarray], method: str, **params: float) -> np.ndarray:
+def postprocess(maps: Mapping[str, np.ndarray], method: str, *, min_mean_prob: float = 0.0,
+                **params: float) -> np.ndarray:
     """Instance labels of one tile from its maps with the post-processing named ``method``.
 
     maps: "prob" (H, W), "hv" (2, H, W) for "hv", "marker" (H, W) for "marker"
-    ((1, H, W) is accepted for prob and marker). ``params`` go to the method's function.
+    ((1, H, W) is accepted for prob and marker). ``params`` go to the method's function;
+    then, for every method, objects whose mean probability is below ``min_mean_prob`` are
+    dropped (`labels.remove_unsure`; 0 = keep all).
     Returns int32 (H, W), 0 = background, nuclei 1..N.
     """
     if method not in METHODS:
         valid = ", ".join(sorted(METHODS))
         raise ValueError(f"unknown post-processing method {method!r}; valid: {valid}")
-    return METHODS[method](maps, **params)
+    labels = METHODS[method](maps, **params)
+    if min_mean_prob > 0:
+        labels = remove_unsure(labels, _squeeze_channel(_tile_map(maps, "prob", method)), min_mean_prob)
+    return labels

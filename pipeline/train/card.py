@@ -48,8 +48,16 @@ def build_card(cfg: Any, result: dict, metrics: dict | None, outputs: dict[str, 
         "data": _data_record(cfg, result),
         "metrics": {},
     }
+    card["metrics"] = metrics_record(metrics, by_data)
+    return card
+
+
+def metrics_record(metrics: dict | None, by_data: dict[str, dict] | None = None) -> dict:
+    """The card's "metrics" entry from `evaluation.evaluate` results: the primary data set's
+    held-out split (``metrics``, may be None) and every set's (``by_data``, by folder name)."""
+    record: dict = {}
     if metrics is not None:
-        card["metrics"] = {
+        record = {
             "split": metrics["split"],
             "n_images": metrics["n_images"],
             "names": [r["name"] for r in metrics["per_image"]],
@@ -57,10 +65,10 @@ def build_card(cfg: Any, result: dict, metrics: dict | None, outputs: dict[str, 
             "per_image": metrics["per_image"],
         }
     if by_data:  # every data set's held-out split, the primary one included
-        card["metrics"]["by_data"] = {
+        record["by_data"] = {
             name: {"split": r["split"], "n_images": r["n_images"], "mean": r["mean"]} for name, r in by_data.items()
         }
-    return card
+    return record
 
 
 def _data_record(cfg: Any, result: dict) -> dict:
@@ -101,7 +109,9 @@ def render_markdown(card: dict) -> str:
         f"{card.get('parameters', 0):,} parameters, outputs `{json_dumps(card.get('outputs'))}`",
         f"- input: {card.get('input', 'RGB / 255')} at **{card.get('mpp')} um/px**; stain normalisation: "
         f"{'Macenko to a stored reference' if (card.get('normalisation') or {}).get('stain') else 'none'}",
-        f"- post-processing: `{json_dumps(card.get('postprocess'))}` (thresholds chosen on the validation images)",
+        f"- post-processing: `{json_dumps(card.get('postprocess'))}` (thresholds chosen on the validation images"
+        + (f", objective {card['tuning']['objective']}, re-tuned {card['tuning']['date']}" if card.get("tuning") else "")
+        + ")",
         f"- trained on: {roots}, "
         f"{len(d.get('train') or [])} train images, "
         f"{len(d.get('validation') or [])} validation images carved from the train split",

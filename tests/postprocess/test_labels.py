@@ -23,3 +23,16 @@ def test_resample_nearest_by_scale_and_by_shape_agree():
     np.testing.assert_array_equal(resample_nearest(lab, 6, 8), up)
     np.testing.assert_array_equal(resample_nearest(up, 3, 4, scale=0.5), lab)
     assert resample_nearest(lab.astype(np.int32), 5, 7, scale=1.7).dtype == np.int32
+
+
+def test_remove_unsure_by_mean_probability():
+    from nucleiflow.pipeline.postprocess.labels import remove_unsure
+
+    labels = np.array([[1, 1, 0, 2, 2], [1, 1, 0, 2, 2], [0, 0, 0, 3, 0]], np.int32)
+    prob = np.array([[0.9, 0.8, 0, 0.5, 0.6], [0.7, 0.8, 0, 0.6, 0.7], [0, 0, 0, 0.7, 0]], np.float32)
+    # means: 1 -> 0.80, 2 -> 0.60, 3 -> 0.70
+    out = remove_unsure(labels, prob, 0.65)
+    np.testing.assert_array_equal(out, [[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 0, 2, 0]])
+    assert out.dtype == np.int32
+    np.testing.assert_array_equal(remove_unsure(labels, prob, 0.0), labels)
+    assert not remove_unsure(np.zeros((2, 2), np.int32), np.zeros((2, 2)), 0.5).any()

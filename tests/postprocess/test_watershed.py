@@ -245,3 +245,20 @@ def test_fill_holes_is_scipys_binary_fill_holes():
     for _ in range(100):
         m = rng.random((int(rng.integers(1, 30)), int(rng.integers(1, 30)))) < rng.random()
         assert np.array_equal(_fill_holes(m), ndi.binary_fill_holes(m))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_unsure_objects_are_dropped(method):
+    """min_mean_prob keeps a confident nucleus and drops a faint blob that only just passes
+    the mask threshold, whatever the method; 0 keeps both."""
+    truth = np.zeros((48, 96), np.int32)
+    yy, xx = np.mgrid[:48, :96]
+    truth[np.hypot(yy - 24, xx - 20) <= 10] = 1
+    truth[np.hypot(yy - 24, xx - 70) <= 10] = 2
+    maps = exact_maps(truth)
+    maps["prob"] = np.where(truth == 1, 0.95, np.where(truth == 2, 0.55, 0.0)).astype(np.float32)
+    both = postprocess.postprocess(maps, method, prob_threshold=0.5)
+    assert both.max() == 2
+    sure = postprocess.postprocess(maps, method, prob_threshold=0.5, min_mean_prob=0.7)
+    assert sure.max() == 1 and sure.dtype == np.int32
+    np.testing.assert_array_equal(sure > 0, truth == 1)

@@ -172,6 +172,39 @@ def test_second_run_reevaluates_the_old_model(first_run, env):
     assert card_of(out)["metrics"]["mean"] == pytest.approx(first["metrics"]["mean"])
 
 
+def test_retune_rewrites_the_card_not_the_weights(first_run, env, tmp_path):
+    """`train --retune`: thresholds chosen again on the config's validation images, every
+    held-out split re-scored, the card (with a `tuning` record) rewritten; the weights file
+    is byte-identical. A config that did not train the checkpoint is refused up front."""
+    import json
+    import shutil
+
+    from nucleiflow.pipeline.train.tuning import GRIDS, OBJECTIVE
+
+    assert first_run["proc"].returncode == 0
+    out = tmp_path / "checkpoint"
+    shutil.copytree(first_run["cfg"]["out"], out)
+    cfg = {**first_run["cfg"], "out": str(out)}
+    path = write(cfg, tmp_path / "tiny.yaml")
+    weights = (out / "model.safetensors").read_bytes()
+    proc = nucleiflow("train", str(path), "--retune", env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, output(proc)[-3000:]
+    assert (out / "model.safetensors").read_bytes() == weights
+    card = json.loads((out / "model.json").read_text())
+    assert card["tuning"]["objective"] == OBJECTIVE and card["tuning"]["validation_images"] == 2
+    for k, values in GRIDS["hv"].items():
+        assert card["postprocess"][k] in values
+    rows = table(output(proc))
+    assert set(rows) == set(METRICS)
+    assert {k: f"{v:.4f}" for k, v in card["metrics"]["mean"].items()} == {k: r[1] for k, r in rows.items()}
+    assert "re-tuned" in (out / "README.md").read_text()
+
+    other = write({**cfg, "data": {**cfg["data"], "val_fraction": 0.25}}, tmp_path / "other.yaml")
+    proc = nucleiflow("train", str(other), "--retune", env=env, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2 and "validation images are not those" in proc.stderr, output(proc)[-2000:]
+    assert "Traceback" not in output(proc)
+
+
 def test_validation_is_carved_from_train_only(first_run, shared_data):
     card = first_run["card"]
     assert card is not None, output(first_run["proc"])[-3000:]
