@@ -245,3 +245,15 @@ def test_fill_holes_is_scipys_binary_fill_holes():
     for _ in range(100):
         m = rng.random((int(rng.integers(1, 30)), int(rng.integers(1, 30)))) < rng.random()
         assert np.array_equal(_fill_holes(m), ndi.binary_fill_holes(m))
+
+
+@pytest.mark.parametrize("radius", [1, 2, 3])
+def test_open_disk_is_scipys_opening_with_a_disk(radius):
+    from skimage.morphology import disk
+
+    from nucleiflow.pipeline.postprocess.watershed import _open_disk
+
+    rng = np.random.default_rng(radius)
+    for density in (0.3, 0.6, 0.85):
+        mask = rng.random((41, 57)) < density
+        np.testing.assert_array_equal(_open_disk(mask, radius), ndi.binary_opening(mask, structure=disk(radius)))
