@@ -31,7 +31,7 @@ class Predictor:
     ``dense``: do the dense part of the card's post-processing here, on the model's device
     (`infer.dense.dense_maps`: "edge" (B,H,W) in place of "hv", the same bits the workers
     would compute, a third less to ship to the workers and no Sobel work left in them).
-    None = on CUDA only: on CPU the workers' NumPy does it 3-5x faster, in parallel with the
+    None = on CUDA only: on CPU the workers' NumPy does it 3-7x faster, in parallel with the
     model, so there it only costs (README "Speed").
     """
 
