@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -35,8 +36,20 @@ class _RootFinder:
         return None
 
 
+_ROOT_ENV = "NUCLEIFLOW_CEILING_ROOT"
+
+
 def use_root(root: str) -> None:
+    """Import ``nucleiflow`` from ``root`` here and in the pools' processes: multiprocessing's
+    forkserver imports this file as ``__mp_main__`` before it unpickles any job, and the
+    module-level hook below installs the finder there too (else an older tree's pooled run
+    unpickles its jobs against this checkout's modules and dies)."""
+    os.environ[_ROOT_ENV] = root
     sys.meta_path.insert(0, _RootFinder(root))
+
+
+if __name__ != "__main__" and os.environ.get(_ROOT_ENV):
+    sys.meta_path.insert(0, _RootFinder(os.environ[_ROOT_ENV]))
 
 
 def _maps_path(cache: str) -> Path:
@@ -72,6 +85,7 @@ def record(spec: dict) -> dict:
 
     reader, _, plan, _ = _open(spec)
     predictor = load_predictor(spec["model"], device=spec.get("device", "cpu"))
+    predictor.dense = False  # record "hv": the maps every tree's post-processing takes
     window = plan.tile_size + 2 * plan.halo
     arrays, t0 = {}, time.perf_counter()
     for b, tiles in enumerate(_batches(plan, spec["batch_size"])):
@@ -127,12 +141,19 @@ def stages(spec: dict, reader, tissue, plan, card, calls) -> dict:
     from nucleiflow.pipeline.slide.stain import StainReference, normalise
     from nucleiflow.pipeline.tiles.stitch import LabelStitcher
 
+    from nucleiflow.pipeline.postprocess import watershed
+
     card = ModelCard.of(card)
     tm = _Timer()
     saved = {k: getattr(workers, k) for k in ("run_postprocess", "own_tile", "nuclei_table")}
     names = {"run_postprocess": "watershed", "own_tile": "ownership", "nuclei_table": "polygons_morphometry"}
     for k, fn in saved.items():
         setattr(workers, k, tm.wrap(names[k], fn))
+    # Inside watershed: the HV edge map, which a CUDA Predictor computes on the GPU instead
+    # (`infer.dense`); trees from before that split have no `hv_edge`.
+    edge_fn = getattr(watershed, "hv_edge", None)
+    if edge_fn is not None:
+        watershed.hv_edge = tm.wrap("edge", edge_fn)
     region = reader._region
     reader._region = tm.wrap("decode", region)  # inside read: the rest of read is resampling
     ref = StainReference.default()
@@ -153,6 +174,8 @@ def stages(spec: dict, reader, tissue, plan, card, calls) -> dict:
         reader._region = region
         for k, fn in saved.items():
             setattr(workers, k, fn)
+        if edge_fn is not None:
+            watershed.hv_edge = edge_fn
     s = tm.s
     s["resample"] = s.get("read", 0.0) - s.get("decode", 0.0)
     s["write"] = s.get("write_tiles", 0.0) + s.get("write_close", 0.0)

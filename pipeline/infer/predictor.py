@@ -16,6 +16,7 @@ from nucleiflow.models.checkpoint import CARD, WEIGHTS, load_checkpoint, resolve
 from nucleiflow.models.outputs import to_maps
 from nucleiflow.models.tta import tta_maps
 from nucleiflow.pipeline.config import CardError, ModelCard
+from nucleiflow.pipeline.infer.dense import dense_maps
 from nucleiflow.pipeline.infer.device import pick_device
 
 
@@ -26,15 +27,22 @@ class Predictor:
     optionally "hv" (B,2,H,W), "marker" (B,H,W), "type_prob" (B,k,H,W). ``card`` may be a
     plain dict (validated here) or a `ModelCard`. ``tta`` > 1 averages the maps over that many
     flipped/rotated views (`models.tta`; ``tta`` forward passes per batch).
+
+    ``dense``: do the dense part of the card's post-processing here, on the model's device
+    (`infer.dense.dense_maps`: "edge" (B,H,W) in place of "hv", the same bits the workers
+    would compute, a third less to ship to the workers and no Sobel work left in them).
+    None = on CUDA only: on CPU the workers' NumPy does it 3-7x faster, in parallel with the
+    model, so there it only costs (README "Speed").
     """
 
     def __init__(self, model: torch.nn.Module, card: ModelCard | Mapping[str, Any], device: str = "auto",
-                 tta: int = 1) -> None:
+                 tta: int = 1, dense: bool | None = None) -> None:
         self.device = pick_device(device)
         self.tta = int(tta)
         self.model = model.to(self.device).eval()
         self.card = ModelCard.of(card)
         self.cuda = self.device.type == "cuda"
+        self.dense = self.cuda if dense is None else bool(dense)
         if self.cuda:
             self.model = self.model.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = True
@@ -51,6 +59,8 @@ class Predictor:
                 maps = tta_maps(lambda v: to_maps(self.model(v)), x, self.tta)
             else:
                 maps = to_maps(self.model(x))
+        if self.dense:
+            maps = dense_maps(maps, self.card.postprocess)
         out = {}
         for k, v in maps.items():
             arr = v.float().cpu().numpy()
@@ -76,7 +86,8 @@ class RecordingPredictor:
 class ReplayPredictor:
     """Serves recorded maps in call order, without a model: the tiled path's post-processing
     alone (e.g. candidate thresholds through exactly the path `evaluate` scores). The same
-    plan and batch size must drive it as drove the recording."""
+    plan and batch size must drive it as drove the recording; recorded "edge" maps (a
+    ``dense`` predictor) hold the recording card's ksize / normalise / gradient_range."""
 
     def __init__(self, calls: list[dict[str, np.ndarray]], card: ModelCard) -> None:
         self.calls, self.card, self._next = calls, ModelCard.of(card), 0

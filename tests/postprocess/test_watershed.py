@@ -262,3 +262,15 @@ def test_unsure_objects_are_dropped(method):
     sure = postprocess.postprocess(maps, method, prob_threshold=0.5, min_mean_prob=0.7)
     assert sure.max() == 1 and sure.dtype == np.int32
     np.testing.assert_array_equal(sure > 0, truth == 1)
+
+
+@pytest.mark.parametrize("radius", [1, 2, 3])
+def test_open_disk_is_scipys_opening_with_a_disk(radius):
+    from skimage.morphology import disk
+
+    from nucleiflow.pipeline.postprocess.watershed import _open_disk
+
+    rng = np.random.default_rng(radius)
+    for density in (0.3, 0.6, 0.85):
+        mask = rng.random((41, 57)) < density
+        np.testing.assert_array_equal(_open_disk(mask, radius), ndi.binary_opening(mask, structure=disk(radius)))
