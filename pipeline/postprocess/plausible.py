@@ -31,8 +31,10 @@ def mean_hsv(labels: np.ndarray, rgb: np.ndarray, ids: np.ndarray) -> np.ndarray
     """Mean colour of each object of ``ids`` in ``labels`` (H, W) over ``rgb`` (H, W, 3)
     uint8, as (len(ids), 3) float64 hue in degrees [0, 360), saturation and value in [0, 1]."""
     flat = labels.ravel()
-    n = np.bincount(flat, minlength=int(ids.max(initial=0)) + 1).astype(np.float64)
-    means = np.stack([np.bincount(flat, weights=rgb[..., c].ravel(), minlength=n.size)[ids] for c in range(3)], 1)
+    fg = np.flatnonzero(flat)  # only object pixels: a window is mostly background
+    lab, px = flat[fg], rgb.reshape(-1, 3)[fg].astype(np.float64)
+    n = np.bincount(lab, minlength=int(ids.max(initial=0)) + 1).astype(np.float64)
+    means = np.stack([np.bincount(lab, weights=px[:, c], minlength=n.size)[ids] for c in range(3)], 1)
     f = means / np.maximum(n[ids, None], 1.0) / 255.0
     mx, mn = f.max(1), f.min(1)
     chroma = mx - mn
