@@ -4,6 +4,9 @@ The core, :func:`tissue_mask`, is a pure function of an RGB thumbnail and its mp
 HSV saturation (glass is bright and grey, stained tissue is coloured), with dark scanner
 borders and blue/green/black ink taken out first, then morphology whose sizes are given in
 um and um^2 so the result does not depend on the mpp.
+
+The mask chooses tiles; `nuclei_region` says where nuclei may lie inside them (looser
+than the mask, never on ink or borders): `postprocess.plausible` drops objects off it.
 """
 from __future__ import annotations
 
