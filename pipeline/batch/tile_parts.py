@@ -40,7 +40,9 @@ from nucleiflow.pipeline.tiles.plan import Box, Tile, TilePlan
 
 PARTS_DIR = ".resume"
 MANIFEST = "manifest.json"
-FORMAT = 2  # 2: parts hold the dropped counts (and tiles drop implausible objects). Bump when the part layout or what a TileNuclei holds changes
+# Bump when the part layout or what a TileNuclei holds changes. 2: the dropped counts (tiles
+# drop objects that are not nuclei since then: parts of format 1 hold them).
+FORMAT = 2
 # lz4: a 1024 px tile's part in ~15 ms at ~1.3 MB; zlib (np.savez_compressed) took ~260 ms,
 # which on a GPU would cost more than the tile's inference.
 _CODEC = numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE)

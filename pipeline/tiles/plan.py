@@ -87,6 +87,8 @@ class Region:
         x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
         col, row = np.floor(x / self.factor).astype(np.int64), np.floor(y / self.factor).astype(np.int64)
         h, w = self.shape
+        if h * w == 0:
+            return np.zeros(x.shape, bool)
         inside = (row >= 0) & (row < h) & (col >= 0) & (col < w)
         flat = np.where(inside, row * w + col, 0)
         byte = np.frombuffer(self.bits, np.uint8)[flat >> 3]
