@@ -97,6 +97,16 @@ def inspect(
         typer.echo(f"overlay written to {overlay}")
 
 
+def _no_server(e: RuntimeError, nothing: str) -> NoReturn:
+    """The one line (exit 2) for Prefect's temporary API server not starting in time (a busy
+    machine); any other RuntimeError is raised again. ``nothing``: what did not start."""
+    if "ephemeral Prefect API server" not in str(e):
+        raise e
+    fail(f"Prefect's temporary API server did not start within {os.environ.get(STARTUP_TIMEOUT_ENV)} s "
+         f"(a busy machine?); {nothing}. Re-run, raise {STARTUP_TIMEOUT_ENV}, or start "
+         "`prefect server start` and set PREFECT_API_URL")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 
@@ -125,7 +135,13 @@ def train(
             check_retune(config, cfg, json.loads(card_path.read_text()))
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
-    (retune_model if retune else train_model)(str(config))
+    from nucleiflow.flows.api_server import start_temporary_server
+
+    try:
+        start_temporary_server()  # as segment's: more time, its own session, dies with us
+        (retune_model if retune else train_model)(str(config))
+    except RuntimeError as e:
+        _no_server(e, "training was not started")
 
 
 @app.command()
@@ -270,11 +286,7 @@ def segment(
     except KeyboardInterrupt:
         _interrupted(jobs, out, model, SegmentConfig(model=model, tile_size=tile_size, halo=halo, tta=tta))
     except RuntimeError as e:
-        if "ephemeral Prefect API server" not in str(e):
-            raise
-        fail(f"Prefect's temporary API server did not start within {os.environ.get(STARTUP_TIMEOUT_ENV)} s "
-             f"(a busy machine?); no slide was started. Re-run, raise {STARTUP_TIMEOUT_ENV}, or start "
-             "`prefect server start` and set PREFECT_API_URL")
+        _no_server(e, "no slide was started")
     typer.echo("")
     for line in format_report(report):
         typer.echo(line)

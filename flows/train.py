@@ -5,15 +5,14 @@ lives in nucleiflow.pipeline.train.loop / tuning / evaluation / card; this modul
 orchestrates."""
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from pydantic import ValidationError
 
-import datetime as dt
-
 from nucleiflow.models.checkpoint import load_checkpoint, resolve, save_card, save_checkpoint, storage_roundtrip
-from nucleiflow.pipeline.config import load_yaml
+from nucleiflow.pipeline.config import CardError, ModelCard, load_yaml
 from nucleiflow.pipeline.train.datasets import read_splits
 from nucleiflow.pipeline.train.evaluation import evaluate
 from nucleiflow.pipeline.infer.predictor import Predictor
@@ -32,7 +31,13 @@ def read_config(path: str | Path) -> TrainConfig:
         problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or '(top level)'}: {err['msg']}"
                              for err in e.errors())
         raise ValueError(f"{path}: invalid training config: {problems}") from e
-    # Fail before Prefect starts (and before training) on what would fail later.
+    # Fail before Prefect starts (and before training) on what would fail later: the card
+    # built after the last epoch validates arch and post-processing (a misspelled threshold
+    # key once cost a 42-minute run), so validate them now, the same way.
+    try:
+        ModelCard.of({"arch": cfg.arch, "mpp": cfg.mpp, "postprocess": cfg.postprocess}, source=str(path))
+    except CardError as e:
+        raise ValueError(str(e)) from None
     for i, d in enumerate(cfg.data):
         _check_data(path, f"data[{i}]" if len(cfg.data) > 1 else "data", d, cfg.train.seed)
     refs = {"init": cfg.init, "teacher.model": cfg.teacher.model if cfg.teacher else None}

@@ -91,3 +91,23 @@ def test_cli_rejects_a_bad_card_before_any_slide(argv, misspelled, cmu_slide, sh
     assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
     assert str(misspelled / "model.json") in lines[0] and "postprocess.prob_treshold" in lines[0], lines[0]
     assert not (tmp_path / "out" / "CMU-1-Small-Region").exists()  # nothing claimed or written
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"postprocess": {"method": "hv", "prob_treshold": 0.5}}, "postprocess.prob_treshold"),
+    ({"arch": "studnet"}, "arch"),
+])
+def test_train_rejects_a_bad_card_key_before_training(change, key, shared_data, tmp_path):
+    # The card is built after the last epoch: a misspelled threshold failed a whole run there.
+    data = {"name": "t", "arch": "student", "kwargs": {"base_channels": 4, "depth": 2}, "mpp": 0.5,
+            "data": {"root": str(shared_data / "monuseg"), "names": ["TCGA-18-5592-01Z-00-DX1", "TCGA-21-5784-01Z-00-DX1"],
+                     "val_fraction": 0.5, "eval_split": "test", "eval_names": ["TCGA-2Z-A9J9-01A-01-TS1"]},
+            "train": {"epochs": 1, "steps_per_epoch": 1, "batch_size": 1, "patch": 64},
+            "out": str(tmp_path / "ckpt"), "work": str(tmp_path / "work"), "device": "cpu", **change}
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(json.dumps(data))  # JSON is YAML
+    res = subprocess.run([str(CLI), "train", str(cfg)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stdout + res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(cfg) in lines[0] and key in lines[0], res.stderr
+    assert not (tmp_path / "work").exists() and not (tmp_path / "ckpt").exists()

@@ -38,6 +38,7 @@ from nucleiflow.pipeline.infer.predictor import Predictor
 from nucleiflow.pipeline.infer.segment_reader import SegmentStats, segment_reader
 from nucleiflow.pipeline.infer.workers import empty_tile_table
 from nucleiflow.pipeline.outputs.atomic import write_json_atomic
+from nucleiflow.pipeline.postprocess.plausible import REASONS
 from nucleiflow.pipeline.outputs.layout import SlideOutputs, slide_paths
 from nucleiflow.pipeline.slide.reader import SlideReader, open_slide
 from nucleiflow.pipeline.outputs.overlays import overlay_png
@@ -232,6 +233,8 @@ def _record(s: _Slide, tissue: TissueMask, plan: TilePlan, stats: SegmentStats) 
         "slide": s.reader.info.to_dict(), "tissue_fraction": tissue.fraction, "tissue_mm2": tissue_mm2,
         "tiles": stats.tiles, "tiles_resumed": stats.resumed, "nuclei": stats.nuclei,
         "halo_edge_nuclei": stats.halo_edge_nuclei,
+        # Objects that were not nuclei (off tissue, too large, ink or black): `postprocess.plausible`.
+        "dropped": {k: stats.dropped.get(k, 0) for k in REASONS},
         **({"reason": f"warning: {tissue.warning}"} if tissue.warning else {}),  # shown in the table
         "pools": _pools_record(s),
         "zarr_files": count_files(s.paths["zarr"]),  # lets a later skip notice a lost chunk

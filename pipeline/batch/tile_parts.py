@@ -34,12 +34,15 @@ import shapely
 
 from nucleiflow.pipeline.outputs.atomic import TEMP_PATTERN, atomic_write, write_json_atomic
 from nucleiflow.pipeline.outputs.layout import slide_paths
+from nucleiflow.pipeline.postprocess.plausible import REASONS
 from nucleiflow.pipeline.tiles.ownership import Spill, TileNuclei
 from nucleiflow.pipeline.tiles.plan import Box, Tile, TilePlan
 
 PARTS_DIR = ".resume"
 MANIFEST = "manifest.json"
-FORMAT = 1  # bump when the part layout or what a TileNuclei holds changes
+# Bump when the part layout or what a TileNuclei holds changes. 2: the dropped counts (tiles
+# drop objects that are not nuclei since then: parts of format 1 hold them).
+FORMAT = 2
 # lz4: a 1024 px tile's part in ~15 ms at ~1.3 MB; zlib (np.savez_compressed) took ~260 ms,
 # which on a GPU would cost more than the tile's inference.
 _CODEC = numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE)
@@ -94,6 +97,7 @@ def pack(tn: TileNuclei) -> dict[str, np.ndarray]:
     arrays = {
         "tile": np.array([t.index, t.row, t.col, tn.n, tn.n_halo_edge], np.int64),
         "core_labels": tn.core_labels, "prob": tn.prob,
+        "dropped": np.array([tn.dropped.get(k, 0) for k in REASONS], np.int64),
         "spill_cells": np.array([sp.cell for sp in tn.spills], np.int64).reshape(-1, 2),
         "spill_boxes": np.array([_box(sp.box) for sp in tn.spills], np.int64).reshape(-1, 4),
         "spill_labels": (np.concatenate([sp.labels.ravel() for sp in tn.spills]) if tn.spills
@@ -136,7 +140,8 @@ def unpack(arrays: dict[str, np.ndarray], tile: Tile) -> TileNuclei:
                 values = arrays[f"col:{name}"]
                 table[name] = values.astype(object) if values.dtype.kind == "U" else values
     return TileNuclei(tile=tile, core_labels=arrays["core_labels"], prob=arrays["prob"], spills=spills, n=n,
-                      n_halo_edge=n_halo_edge, table=table)
+                      n_halo_edge=n_halo_edge, table=table,
+                      dropped={k: int(v) for k, v in zip(REASONS, arrays["dropped"])})
 
 
 def encode(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

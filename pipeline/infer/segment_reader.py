@@ -31,6 +31,7 @@ class SegmentStats:
     resumed: int = 0  # of ``tiles``: taken over from an earlier run's parts, not run again
     nuclei: int = 0
     halo_edge_nuclei: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)  # not nuclei, per reason (`postprocess.plausible`)
     timer: StageTimer = field(default_factory=StageTimer)
 
 
@@ -42,6 +43,20 @@ class TileStore(Protocol):
     def load(self, tile: Tile) -> TileNuclei: ...
 
     def save(self, tn: TileNuclei) -> None: ...
+
+
+class WithImages:
+    """A predictor whose maps also hold the images it was given (``"rgb"``, (B, H, W, 3)
+    uint8): post-processing judges objects by their colour too (`infer.workers.drop_implausible`)."""
+
+    def __init__(self, predictor: Predictor) -> None:
+        self.predictor, self.card = predictor, predictor.card
+
+    def __getattr__(self, name: str):  # device, cuda, ...: the wrapped predictor's
+        return getattr(self.predictor, name)
+
+    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        return {**self.predictor(images), "rgb": images}
 
 
 def segment_reader(
@@ -69,7 +84,7 @@ def segment_reader(
     stitcher = LabelStitcher(plan, merger)
     done = parts.done if parts is not None else ()
     computed = stream_tiles(
-        reader, plan, predictor, predictor.card.postprocess, batch_size=batch_size, readers=readers, workers=workers,
+        reader, plan, WithImages(predictor), predictor.card.postprocess, batch_size=batch_size, readers=readers, workers=workers,
         pools=pools, timer=stats.timer, tiles=[t for t in plan if t.index not in done],
     )
     with closing(computed):  # cancels the slide's queued jobs if a tile fails
@@ -88,6 +103,8 @@ def segment_reader(
             offset = stitcher.add(tn)
             stats.tiles += 1
             stats.halo_edge_nuclei += tn.n_halo_edge
+            for reason, k in tn.dropped.items():
+                stats.dropped[reason] = stats.dropped.get(reason, 0) + k
             if on_tile is not None:
                 on_tile(tn, offset)
     stats.nuclei = stitcher.count

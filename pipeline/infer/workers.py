@@ -19,11 +19,12 @@ import numpy as np
 
 from nucleiflow.pipeline.slide.reader import SlideReader
 from nucleiflow.pipeline.slide.stain import StainReference, normalise
-from nucleiflow.pipeline.tiles.plan import Tile, TilePlan
+from nucleiflow.pipeline.tiles.plan import Box, Tile, TilePlan
 from nucleiflow.pipeline.config import PostprocessConfig
 from nucleiflow.pipeline.postprocess.morphometry import empty_table, nuclei_table
 from nucleiflow.pipeline.postprocess.watershed import postprocess as run_postprocess
-from nucleiflow.pipeline.tiles.ownership import TileNuclei, own_tile, touches_border
+from nucleiflow.pipeline.postprocess.plausible import implausible
+from nucleiflow.pipeline.tiles.ownership import TileNuclei, inside_slide, own_tile, ownership, touches_border
 
 
 def empty_tile_table(classes: bool = False) -> dict:
@@ -33,11 +34,15 @@ def empty_tile_table(classes: bool = False) -> dict:
 
 
 def process_tile(tile: Tile, maps: dict[str, np.ndarray], plan: TilePlan, post: PostprocessConfig) -> TileNuclei:
-    """Watershed the model maps of one window, then ownership, spills and the polygon table
-    (tile-local ids 1..n; the stitcher numbers them in the slide)."""
+    """Watershed the model maps of one window, drop what cannot be a nucleus, then
+    ownership, spills and the polygon table (tile-local ids 1..n; the stitcher numbers them
+    in the slide). ``maps["rgb"]`` (W, W, 3) uint8, the window the model saw, if present,
+    lets ink-coloured objects go too."""
     t0 = time.perf_counter()
-    labels = run_postprocess(maps, post.method, **post.params())
+    labels = inside_slide(run_postprocess(maps, post.method, **post.params()), tile, plan)
+    labels, dropped = drop_implausible(labels, tile, plan, maps.get("rgb"))
     res = own_tile(tile, labels, maps["prob"], plan)
+    res.dropped = dropped
     window = res.extra.pop("window_labels")
     res.table = nuclei_table(
         window, maps["prob"], mpp0=plan.mpp / plan.scale, offset=(tile.read.x0, tile.read.y0),
@@ -46,6 +51,23 @@ def process_tile(tile: Tile, maps: dict[str, np.ndarray], plan: TilePlan, post: 
     )
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def drop_implausible(
+    labels: np.ndarray, tile: Tile, plan: TilePlan, rgb: np.ndarray | None
+) -> tuple[np.ndarray, dict[str, int]]:
+    """``labels`` (W, W) of a tile's window without the objects this tile would own that
+    `postprocess.plausible.implausible` rejects (off ``plan.region``, too large, ink or
+    black), and how many went per reason: the one place objects are dropped. Judging only
+    owned objects counts each once in the slide, and an object a neighbour owns is its
+    neighbour's to judge (in its own window, where it is whole)."""
+    core = Box(plan.halo, plan.halo, plan.halo + tile.core.width, plan.halo + tile.core.height)
+    drop = implausible(labels, plan.mpp, rgb=rgb, region=plan.region, offset=(tile.read.x0, tile.read.y0),
+                       candidates=ownership(labels, core))
+    ids = np.concatenate(list(drop.values()))
+    if ids.size:
+        labels = np.where(np.isin(labels, ids), 0, labels)
+    return labels, {k: int(v.size) for k, v in drop.items()}
 
 
 # -- what a job carries: the slide or the plan, by key --------------------------------

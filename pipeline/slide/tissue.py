@@ -4,6 +4,9 @@ The core, :func:`tissue_mask`, is a pure function of an RGB thumbnail and its mp
 HSV saturation (glass is bright and grey, stained tissue is coloured), with dark scanner
 borders and blue/green/black ink taken out first, then morphology whose sizes are given in
 um and um^2 so the result does not depend on the mpp.
+
+The mask chooses tiles; `nuclei_region` says where nuclei may lie inside them (looser
+than the mask, never on ink or borders): `postprocess.plausible` drops objects off it.
 """
 from __future__ import annotations
 
@@ -30,6 +33,10 @@ OPEN_UM = 4.0  # opening radius: hair-thin lines go; rounds to 0 px (no opening)
 EXCLUDE_GROW_UM = 8.0  # ink and border masks grow by this: their edges blend into glass
 MIN_OBJECT_UM2 = 5e3  # ~70 x 70 um: smaller specks are dust or debris
 MAX_HOLE_UM2 = 1e4  # glass holes smaller than this inside tissue are filled
+# Nuclei are kept where their centroid lies on anything coloured above the glass floor
+# (pale tissue below Otsu's threshold too: the mask chooses tiles, this must not lose nuclei)
+# grown by this (a thumbnail pixel only partly on tissue is paler), never on ink or borders.
+NUCLEI_MARGIN_UM = 16.0
 
 
 @dataclass
@@ -40,6 +47,7 @@ class TissueMask:
     mask: np.ndarray
     mpp: float
     warning: str | None = None  # why the slide cannot be segmented as H&E (see colour_warning)
+    region: np.ndarray | None = None  # (h, w) bool: where nuclei may lie (`nuclei_region`); None: anywhere
 
     @property
     def fraction(self) -> float:
@@ -91,6 +99,31 @@ def _fill_holes(mask: np.ndarray, max_px: float) -> np.ndarray:
     return mask | fill[labels]
 
 
+def _excluded(hue: np.ndarray, sat: np.ndarray, val: np.ndarray, mpp: float) -> np.ndarray:
+    """Blue/green/black ink and dark scanner borders, grown by ``EXCLUDE_GROW_UM``; (h, w) bool."""
+    ink = (hue >= INK_HUES[0]) & (hue <= INK_HUES[1]) & (sat > INK_SAT)
+    dark = (val < DARK_VALUE) & (sat < DARK_SAT)
+    excluded = ink | dark
+    if excluded.any():
+        excluded = ndi.binary_dilation(excluded, structure=_disk(max(1, round(EXCLUDE_GROW_UM / mpp))))
+    return excluded
+
+
+def nuclei_region(rgb: np.ndarray, mpp: float, mask: np.ndarray, margin_um: float = NUCLEI_MARGIN_UM) -> np.ndarray:
+    """Where a nucleus' centroid may lie on an RGB thumbnail (h, w, 3) uint8 at ``mpp`` um/px
+    whose tissue is ``mask`` (h, w) bool: tissue or anything more saturated than glass
+    (``SAT_FLOOR``), grown by ``margin_um``, minus ink and dark borders (as `tissue_mask`
+    excludes them). Returns (h, w) bool."""
+    if rgb.size == 0:
+        return np.zeros(rgb.shape[:2], bool)
+    hue, sat, val = _hsv(rgb)
+    region = mask | (sat > SAT_FLOOR)
+    radius = round(margin_um / mpp)
+    if radius >= 1 and region.any():
+        region = ndi.binary_dilation(region, structure=_disk(radius))
+    return region & ~_excluded(hue, sat, val, mpp)
+
+
 def tissue_mask(rgb: np.ndarray, mpp: float, min_object_um2: float = MIN_OBJECT_UM2,
                 max_hole_um2: float = MAX_HOLE_UM2) -> np.ndarray:
     """Tissue in an RGB thumbnail.
@@ -108,12 +141,7 @@ def tissue_mask(rgb: np.ndarray, mpp: float, min_object_um2: float = MIN_OBJECT_
     if rgb.size == 0:
         return np.zeros(rgb.shape[:2], bool)
     hue, sat, val = _hsv(rgb)
-    ink = (hue >= INK_HUES[0]) & (hue <= INK_HUES[1]) & (sat > INK_SAT)
-    dark = (val < DARK_VALUE) & (sat < DARK_SAT)
-    grow = max(1, round(EXCLUDE_GROW_UM / mpp))
-    excluded = ink | dark
-    if excluded.any():
-        excluded = ndi.binary_dilation(excluded, structure=_disk(grow))
+    excluded = _excluded(hue, sat, val, mpp)
     candidates = sat[~excluded]
     if candidates.size == 0:
         return np.zeros(rgb.shape[:2], bool)
@@ -133,7 +161,8 @@ def tissue_mask(rgb: np.ndarray, mpp: float, min_object_um2: float = MIN_OBJECT_
 def detect_tissue(reader: SlideReader, mpp: float = 8.0) -> TissueMask:
     """Tissue mask of a whole slide from its thumbnail at ``mpp`` um/px."""
     thumb = reader.thumbnail(mpp)
-    return TissueMask(tissue_mask(thumb, mpp), mpp, colour_warning(thumb))
+    mask = tissue_mask(thumb, mpp)
+    return TissueMask(mask, mpp, colour_warning(thumb), nuclei_region(thumb, mpp, mask))
 
 
 GREY_CHROMA = 8  # max - min of R, G, B (0-255) under which a pixel has no colour (JPEG noise)

@@ -32,7 +32,9 @@ class TileNuclei:
     core_labels: (core h, core w) int32 owned nuclei inside the core; prob: same shape uint8
     (NP probability x 255); spills: owned pixels outside the core; window_labels: (W, W)
     int32 owned nuclei on the whole window (for polygons); n: owned count; n_halo_edge: owned
-    nuclei touching the window border (halo too small); seconds: post-processing time.
+    nuclei touching the window border (halo too small); seconds: post-processing time;
+    dropped: objects this tile would have owned that were not nuclei, per reason
+    (`postprocess.plausible.REASONS`).
     """
 
     tile: Tile
@@ -43,6 +45,7 @@ class TileNuclei:
     n_halo_edge: int
     table: dict | None = None
     seconds: float = 0.0
+    dropped: dict[str, int] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
 

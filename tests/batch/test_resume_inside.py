@@ -130,7 +130,8 @@ def assert_same_outputs(out: Path, ref: Path, sid: str = SID) -> None:
     assert dict(za.attrs) == dict(zb.attrs)
     ra, rb = json.loads(a["run_json"].read_text()), json.loads(b["run_json"].read_text())
     assert set(ra) == set(rb)
-    for k in ("nuclei", "tiles", "halo_edge_nuclei", "zarr_files", "config_key", "model_hash", "slide_fingerprint"):
+    for k in ("nuclei", "tiles", "halo_edge_nuclei", "dropped", "zarr_files", "config_key", "model_hash",
+              "slide_fingerprint"):
         assert ra[k] == rb[k], k
     assert not parts_folder(out, sid).exists(), "a done slide keeps its parts"
 
@@ -271,8 +272,10 @@ def test_pack_and_unpack_give_the_tile_back():
              "geometry": np.array([shapely.box(0.1, 0.2, 3.3, 4.4), shapely.box(5, 5, 7.25, 6)], dtype=object),
              "eccentricity": np.array([0.5, 0.25], np.float32), "class_name": np.array(["tumour", "é"], dtype=object),
              "touches_halo_edge": np.array([False, True])}
-    tn = TileNuclei(tile, core, np.arange(12, dtype=np.uint8).reshape(3, 4), [spill], 2, 1, table)
+    tn = TileNuclei(tile, core, np.arange(12, dtype=np.uint8).reshape(3, 4), [spill], 2, 1, table,
+                    dropped={"off_tissue": 3, "too_large": 0, "ink_colour": 1})
     back = unpack(decode(encode(pack(tn))), tile)
+    assert back.dropped == tn.dropped, "run.json's dropped counts survive a resume"
     np.testing.assert_array_equal(back.core_labels, core)
     assert back.prob.dtype == np.uint8 and back.prob.tolist() == tn.prob.tolist()
     assert [(s.cell, s.box, s.labels.tolist()) for s in back.spills] == [(spill.cell, spill.box, [[2], [2]])]
