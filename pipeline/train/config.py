@@ -42,7 +42,9 @@ class LoopConfig(BaseModel):
     weight_decay: float = Field(1e-4, ge=0)
     patience: int = Field(8, ge=1, description="Epochs without validation improvement before stopping.")
     max_minutes: float | None = Field(None, gt=0, description="Stop (and finish) after this long.")
-    seed: int = 0
+    seed: int = Field(0, description="Picks the validation images, and the patches unless sample_seed is set.")
+    sample_seed: int | None = Field(None, description="Seed of patch sampling and augmentation: a later round "
+                                    "that keeps its validation images (seed) still sees new batches.")
     stage_epochs: list[int] | None = Field(None, description="twostage: epochs of stage1, stage2, finetune.")
 
 
@@ -78,4 +80,7 @@ class TrainConfig(BaseModel):
 
     def key(self) -> str:
         """Hash of everything that shapes the trained weights (not where they go)."""
-        return config_hash(self.model_dump(exclude={"out", "device", "eval_tile_size", "tune_postprocess"}))
+        data = self.model_dump(exclude={"out", "device", "eval_tile_size", "tune_postprocess"})
+        if data["train"]["sample_seed"] is None:  # unset: keys stay those of runs made before it existed
+            del data["train"]["sample_seed"]
+        return config_hash(data)

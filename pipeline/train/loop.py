@@ -86,7 +86,7 @@ def split_records(cfg: TrainConfig) -> list[tuple[list[str], list[str]]]:
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     """Train (or resume) and return {"model", "history", "epochs", "best_val", "seconds", ...}."""
     device = pick_device(cfg.device)
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed if cfg.train.sample_seed is None else cfg.train.sample_seed)
     work = Path(cfg.work)
     work.mkdir(parents=True, exist_ok=True)
     splits, sampler, val_batches = _data(cfg, log)
@@ -180,7 +180,8 @@ def _data(cfg: TrainConfig, log: Callable[[str], None]) -> tuple[list, PatchSamp
         train_sets.append(AnnotatedDataset(d.root, train_names, mpp=cfg.mpp))
         val_ds = AnnotatedDataset(d.root, val_names, mpp=cfg.mpp)
         val_batches += list(tiles(val_ds, patch=cfg.train.patch, batch_size=cfg.train.batch_size))
-    sampler = PatchSampler(train_sets, patch=cfg.train.patch, seed=cfg.train.seed,
+    sampler = PatchSampler(train_sets, patch=cfg.train.patch,
+                           seed=cfg.train.seed if cfg.train.sample_seed is None else cfg.train.sample_seed,
                            weights=[d.weight for d in cfg.data], aug=cfg.augment)
     return splits, sampler, val_batches
 

@@ -431,3 +431,20 @@ def test_trains_on_two_data_sets_through_the_config(shared_data, tmp_path):
     assert [s["root"] for s in card["data"]["sets"]] == list(sampled)
     assert [s["patches_sampled"] for s in card["data"]["sets"]] == list(sampled.values())
     assert card["training"]["augment"]["scale"] == 0.2
+
+
+def test_sample_seed_gives_new_batches_on_the_same_validation_images(shared_data, tmp_path):
+    """A later round keeps its validation images (``seed``) but draws new patches
+    (``sample_seed``); unset, the config key is what it was before the field existed."""
+    from nucleiflow.pipeline.config import config_hash
+
+    base = config(shared_data, tmp_path)
+    a = TrainConfig.model_validate(base)
+    b = TrainConfig.model_validate(config(shared_data, tmp_path, train={"sample_seed": 7}))
+    splits_a, sampler_a, _ = training._data(a, log=lambda _: None)
+    splits_b, sampler_b, _ = training._data(b, log=lambda _: None)
+    assert splits_a == splits_b
+    assert not torch.equal(sampler_a.sample(2)["image"], sampler_b.sample(2)["image"])
+    dumped = a.model_dump(exclude={"out", "device", "eval_tile_size", "tune_postprocess"})
+    del dumped["train"]["sample_seed"]
+    assert a.key() == config_hash(dumped) != b.key()
