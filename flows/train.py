@@ -149,10 +149,15 @@ def train_model(config: str) -> dict:
     path = register_task(result, card, cfg.out)
     rows = compare_rows(old, new)
     print(f"checkpoint written to {path}")
+    _print_table(rows)
+    return {"checkpoint": path, "metrics": new["mean"], "old_metrics": old["mean"] if old else None, "table": rows}
+
+
+def _print_table(rows: list[tuple[str, str, str, str]]) -> None:
+    """The old vs new metrics table (`card.compare_rows`), one metric a line."""
     print(f"{'metric':<10} {'old':>8} {'new':>8} {'delta':>8}")
     for r in rows:
         print(f"{r[0]:<10} {r[1]:>8} {r[2]:>8} {r[3]:>8}")
-    return {"checkpoint": path, "metrics": new["mean"], "old_metrics": old["mean"] if old else None, "table": rows}
 
 
 def check_retune(config: str | Path, cfg: TrainConfig, card: dict) -> list[tuple[list[str], list[str]]]:
@@ -189,8 +194,6 @@ def retune_model(config: str) -> dict:
     (folder / "README.md").write_text(render_markdown(card))
     rows = compare_rows(old, new)
     print(f"card rewritten: {folder / 'model.json'} (post-processing {post})")
-    print(f"{'metric':<10} {'old':>8} {'new':>8} {'delta':>8}")
-    for r in rows:
-        print(f"{r[0]:<10} {r[1]:>8} {r[2]:>8} {r[3]:>8}")
+    _print_table(rows)
     return {"checkpoint": str(folder), "postprocess": post, "metrics": new["mean"], "old_metrics": old["mean"],
             "table": rows}
