@@ -3,8 +3,7 @@
 Labels are (H, W) non-negative integer instance ids, 0 = background. ``relabel_consecutive``
 renumbers to 1..N, ``relabel`` maps chosen ids to nucleus ids (the rule the nuclei table
 uses too), ``remove_small`` drops specks, ``remove_unsure`` drops objects the model is unsure
-of, ``resample_nearest`` moves labels between pixel
-grids by pixel centres.
+of, ``resample_nearest`` moves labels between pixel grids by pixel centres.
 """
 from __future__ import annotations
 

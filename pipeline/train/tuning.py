@@ -7,8 +7,9 @@ replays them through post-processing and stitching alone.
 
 The objective is the mean of AJI and PQ over the images: AJI alone rewards keeping every
 fragment that overlaps a nucleus (a dropped low-confidence blob can cost it a little), while
-PQ counts false and split nuclei, which is what makes morphometry wrong. On the student's
-validation images the mean moved precision from 0.69 to 0.77 for 0.01 AJI at most.
+PQ counts false and split nuclei, which is what makes morphometry wrong. For the student it
+chose min_mean_prob 0.65 and a smaller seed opening: MoNuSeg validation precision 0.69 ->
+0.77, AJI 0.558 -> 0.565.
 """
 from __future__ import annotations
 
