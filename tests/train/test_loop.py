@@ -1,5 +1,6 @@
 """The training flow: `nucleiflow train` end to end as a real process (checkpoint, card, old-vs-new
-table, kill and resume, distillation, bad configs) and the loop's pieces in-process.
+table, --retune, kill and resume, distillation) and the loop's pieces in-process (bad
+configs and several data sets: test_train_config.py).
 
 The models here train for a handful of steps on a few MoNuSeg images: their metrics mean
 nothing, only the plumbing is under test. Prefect starts a temporary server per process
@@ -12,13 +13,11 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from nucleiflow.models.checkpoint import load_checkpoint, save_checkpoint
 from nucleiflow.pipeline.train import loop as training
@@ -27,89 +26,9 @@ from nucleiflow.pipeline.train.unlabelled import unlabelled_tiles
 from nucleiflow.pipeline.train.evaluation import METRICS
 from nucleiflow.pipeline.train.card import build_card
 from nucleiflow.pipeline.train.config import TrainConfig
-from nucleiflow.pipeline.train.loop import split_records, train
-
-NUCLEIFLOW = Path(sys.executable).with_name("nucleiflow")
-# Four MoNuSeg train images (validation is carved from these) and one test image to score.
-NAMES = ["TCGA-18-5592-01Z-00-DX1", "TCGA-21-5784-01Z-00-DX1", "TCGA-21-5786-01Z-00-DX1",
-         "TCGA-38-6178-01Z-00-DX1"]
-EVAL_NAME = "TCGA-2Z-A9J9-01A-01-TS1"
-TABLE_ROW = re.compile(r"\b(" + "|".join(METRICS) + r")\s+(-|\d+\.\d{4})\s+(\d+\.\d{4})\s+(-|[+-]\d+\.\d{4})\s*$")
-
-
-# -- helpers ------------------------------------------------------------------------------
-def config(shared_data: Path, tmp: Path, **changes) -> dict:
-    """A tiny student config (like configs/ci.yaml) with absolute data root and tmp out/work;
-    ``changes`` replace top-level keys, dicts are merged one level deep."""
-    cfg = {
-        "name": "test-student",
-        "arch": "student",
-        "kwargs": {"base_channels": 4, "depth": 2},
-        "mpp": 0.5,
-        "data": {"root": str(shared_data / "monuseg"), "names": NAMES[:3], "val_fraction": 0.34,
-                 "eval_split": "test", "eval_names": [EVAL_NAME]},
-        "train": {"epochs": 3, "steps_per_epoch": 2, "batch_size": 2, "patch": 96, "lr": 0.001,
-                  "patience": 50},
-        "postprocess": {"method": "hv"},
-        "out": str(tmp / "checkpoint"),
-        "work": str(tmp / "work"),
-        "device": "cpu",
-    }
-    for k, v in changes.items():
-        cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
-    return cfg
-
-
-def write(cfg: dict, path: Path) -> Path:
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict:
-    """Subprocess environment: a private Prefect home, no telemetry, one thread (shared cores)."""
-    home = tmp_path_factory.mktemp("prefect")
-    return {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "DO_NOT_TRACK": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-def nucleiflow(*args: str, env: dict, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([str(NUCLEIFLOW), *args], env=env, cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def output(proc: subprocess.CompletedProcess) -> str:
-    return proc.stdout + proc.stderr  # Prefect's log lines go to either, depending on handlers
-
-
-def table(text: str) -> dict[str, tuple[str, str, str]]:
-    """{metric: (old, new, delta)} from the old-vs-new table the flow prints."""
-    rows = {}
-    for line in text.splitlines():
-        m = TABLE_ROW.search(line)
-        if m:
-            rows[m.group(1)] = m.group(2, 3, 4)
-    return rows
-
-
-def card_of(folder: str | Path) -> dict:
-    return load_checkpoint(folder)[1]
-
-
-def quiet(cfg: TrainConfig) -> tuple[dict, list[str]]:
-    """train() in-process, its log captured."""
-    lines: list[str] = []
-    return train(cfg, log=lines.append), lines
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """In-process training on one thread: the cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+from nucleiflow.pipeline.train.loop import split_records
+from trainruns import (EVAL_NAME, NAMES, NUCLEIFLOW, card_of, config, nucleiflow, output, quiet, table,
+                       write)
 
 # -- `nucleiflow train`: checkpoint, card, table ------------------------------------------
 @pytest.fixture(scope="module")
@@ -363,88 +282,3 @@ def test_unlabelled_batch_every_n_steps(shared_data, tmp_path, teacher, monkeypa
     assert seen == expected
 
 
-# -- bad configs --------------------------------------------------------------------------
-BROKEN = {
-    "missing key": (lambda c: c.pop("name"), "name: Field required"),
-    "unknown key": (lambda c: c.update(bogus=1), "bogus"),
-    "unknown nested key": (lambda c: c["train"].update(bogus=1), "train.bogus"),
-    "test image in names": (lambda c: c["data"]["names"].append(EVAL_NAME), EVAL_NAME),
-    "unknown eval name": (lambda c: c["data"].update(eval_names=["nope"]), "nope"),
-    "no data": (lambda c: c["data"].update(root="/nonexistent/data"), "splits.csv"),
-}
-
-
-@pytest.mark.parametrize("case", ["missing key", "unknown key"])
-def test_bad_config_exits_2_with_one_line(shared_data, tmp_path, env, case):
-    change, words = BROKEN[case]
-    cfg = config(shared_data, tmp_path)
-    change(cfg)
-    path = write(cfg, tmp_path / "broken.yaml")
-    proc = nucleiflow("train", str(path), env=env, cwd=tmp_path, timeout=60)
-    assert proc.returncode == 2, output(proc)[-3000:]
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert str(path) in lines[0] and words in lines[0]
-    assert "Traceback" not in output(proc)
-    assert not Path(cfg["work"]).exists()  # failed before training started
-
-
-@pytest.mark.parametrize("case", BROKEN)
-def test_read_config_errors_name_the_file_on_one_line(shared_data, tmp_path, case):
-    """What `nucleiflow train` prints: read_config's ValueError (the CLI adds 'nucleiflow: error:')."""
-    from nucleiflow.flows.train import read_config
-
-    change, words = BROKEN[case]
-    cfg = config(shared_data, tmp_path)
-    change(cfg)
-    path = write(cfg, tmp_path / "broken.yaml")
-    with pytest.raises(ValueError) as e:
-        read_config(path)
-    assert "\n" not in str(e.value) and str(path) in str(e.value) and words in str(e.value)
-
-
-def test_read_config_accepts_the_ci_config(shared_data, tmp_path):
-    from nucleiflow.flows.train import read_config
-
-    cfg = read_config(write(config(shared_data, tmp_path), tmp_path / "ok.yaml"))
-    assert cfg.primary.names == NAMES[:3] and cfg.train.epochs == 3
-
-
-# -- several data sets ----------------------------------------------------------------------
-def test_trains_on_two_data_sets_through_the_config(shared_data, tmp_path):
-    """`data` as a list: both sets are sampled, validation is carved from each (TNBC by
-    patient), and the card records both."""
-    tnbc = ["tnbc_01_1", "tnbc_01_2", "tnbc_02_1", "tnbc_02_2"]
-    raw = config(shared_data, tmp_path, train={"epochs": 1, "steps_per_epoch": 3, "batch_size": 4},
-                 augment={"scale": 0.2, "blur_p": 0.5, "jpeg_p": 0.5, "focus": 0.5})
-    raw["data"] = [raw["data"], {"root": str(shared_data / "tnbc"), "names": tnbc, "group_by": "patient",
-                                 "val_fraction": 0.5, "weight": 1.0, "eval_split": "test"}]
-    cfg = TrainConfig.model_validate(raw)
-    result, log = quiet(cfg)
-    sampled = result["sampled"]
-    assert set(sampled) == {str(shared_data / "monuseg"), str(shared_data / "tnbc")}
-    assert all(n > 0 for n in sampled.values()) and sum(sampled.values()) == 3 * 4
-    (_, _), (tnbc_train, tnbc_val) = result["splits"]
-    patients = lambda names: {n.split("_")[1] for n in names}  # noqa: E731
-    assert tnbc_val and patients(tnbc_train).isdisjoint(patients(tnbc_val))
-    card = build_card(cfg, result, None, {"np": 2, "hv": 2})
-    assert [s["root"] for s in card["data"]["sets"]] == list(sampled)
-    assert [s["patches_sampled"] for s in card["data"]["sets"]] == list(sampled.values())
-    assert card["training"]["augment"]["scale"] == 0.2
-
-
-def test_sample_seed_gives_new_batches_on_the_same_validation_images(shared_data, tmp_path):
-    """A later round keeps its validation images (``seed``) but draws new patches
-    (``sample_seed``); unset, the config key is what it was before the field existed."""
-    from nucleiflow.pipeline.config import config_hash
-
-    base = config(shared_data, tmp_path)
-    a = TrainConfig.model_validate(base)
-    b = TrainConfig.model_validate(config(shared_data, tmp_path, train={"sample_seed": 7}))
-    splits_a, sampler_a, _ = training._data(a, log=lambda _: None)
-    splits_b, sampler_b, _ = training._data(b, log=lambda _: None)
-    assert splits_a == splits_b
-    assert not torch.equal(sampler_a.sample(2)["image"], sampler_b.sample(2)["image"])
-    dumped = a.model_dump(exclude={"out", "device", "eval_tile_size", "tune_postprocess"})
-    del dumped["train"]["sample_seed"]
-    assert a.key() == config_hash(dumped) != b.key()
