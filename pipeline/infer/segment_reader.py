@@ -16,7 +16,8 @@ import numpy as np
 from nucleiflow.pipeline.infer.pools import TilePools
 from nucleiflow.pipeline.infer.predictor import Predictor
 from nucleiflow.pipeline.infer.stream import StageTimer, stream_tiles
-from nucleiflow.pipeline.postprocess.labels import resample_nearest
+from nucleiflow.pipeline.postprocess.labels import upsample_labels
+from nucleiflow.pipeline.postprocess.watershed import DEFAULT_PROB_THRESHOLD
 from nucleiflow.pipeline.slide.reader import SlideReader
 from nucleiflow.pipeline.tiles.stitch import LabelStitcher, MemoryMerger, Merger
 from nucleiflow.pipeline.tiles.plan import Tile, TilePlan, plan_tiles
@@ -117,10 +118,14 @@ def segment_array(
     """Instance labels (H, W) int32 of a small in-memory slide at its *native* resolution.
 
     Tiles at the model's mpp (from its card) with no tissue filter, stitches in memory, then
-    maps labels back to the slide's pixel grid (nearest), which is where ground truth lives.
+    maps labels back to the slide's pixel grid, which is where ground truth lives: nearest,
+    with outlines re-drawn on the interpolated probability where that grid is finer
+    (`postprocess.labels.upsample_labels`).
     """
     info = reader.info
     plan = plan_tiles(info.width, info.height, info.mpp_x, predictor.card.mpp, tile_size=tile_size, halo=halo)
     merger = MemoryMerger(plan.height, plan.width)
     segment_reader(reader, plan, predictor, merger, batch_size=batch_size)
-    return resample_nearest(merger.labels, info.height, info.width, plan.scale)
+    threshold = getattr(predictor.card.postprocess, "prob_threshold", None)
+    threshold = DEFAULT_PROB_THRESHOLD if threshold is None else threshold
+    return upsample_labels(merger.labels, merger.prob, info.height, info.width, plan.scale, threshold)

@@ -31,6 +31,9 @@ from skimage.segmentation import watershed
 
 from nucleiflow.pipeline.postprocess.labels import relabel_consecutive, remove_small, remove_unsure
 
+#: Every method's mask threshold on the NP probability when a card leaves it unset.
+DEFAULT_PROB_THRESHOLD = 0.5
+
 __all__ = [
     "EDGE_PARAMS",
     "METHODS",
@@ -197,7 +200,7 @@ def hv_watershed(
     hv: np.ndarray | None = None,
     *,
     edge: np.ndarray | None = None,
-    prob_threshold: float = 0.5,
+    prob_threshold: float = DEFAULT_PROB_THRESHOLD,
     marker_threshold: float = 0.4,
     min_size: int = 10,
     ksize: int = 21,
@@ -268,7 +271,7 @@ def marker_watershed(
     prob: np.ndarray,
     marker: np.ndarray,
     *,
-    prob_threshold: float = 0.5,
+    prob_threshold: float = DEFAULT_PROB_THRESHOLD,
     marker_threshold: float = 0.5,
     min_size: int = 10,
 ) -> np.ndarray:
@@ -294,7 +297,7 @@ def marker_watershed(
 def distance_watershed(
     prob: np.ndarray,
     *,
-    prob_threshold: float = 0.5,
+    prob_threshold: float = DEFAULT_PROB_THRESHOLD,
     min_distance: int = 3,
     min_size: int = 10,
     smooth_sigma: float = 2.0,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nucleiflow.pipeline.postprocess.labels import relabel_consecutive, resample_nearest
+from nucleiflow.pipeline.postprocess.labels import relabel_consecutive, resample_nearest, upsample_labels
 
 
 def test_relabel_consecutive_dtypes_and_paths():
@@ -36,3 +36,39 @@ def test_remove_unsure_by_mean_probability():
     assert out.dtype == np.int32
     np.testing.assert_array_equal(remove_unsure(labels, prob, 0.0), labels)
     assert not remove_unsure(np.zeros((2, 2), np.int32), np.zeros((2, 2)), 0.5).any()
+
+
+def _blobs(scale: float, n: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    """Two touching elliptic blobs sampled at pixel centres of an (n*scale)^2 grid:
+    (probability float (H, W), the label of the nearer blob centre (H, W) where prob >= 0.5)."""
+    size = int(n * scale)
+    y, x = (np.mgrid[:size, :size] + 0.5) / scale  # coarse-grid coordinates of the pixel centres
+    d1 = np.hypot((x - 15.3) / 7.1, (y - 20.2) / 5.4)
+    d2 = np.hypot((x - 26.9) / 6.2, (y - 19.1) / 6.6)
+    prob = np.clip(1.4 - np.minimum(d1, d2), 0, 1)
+    return prob, np.where(prob >= 0.5, np.where(d1 < d2, 1, 2), 0).astype(np.int32)
+
+
+def test_upsample_labels_follows_the_probability_not_the_coarse_staircase():
+    prob, labels = _blobs(1.0)
+    fine_prob, truth = _blobs(2.0)
+    near = resample_nearest(labels, 80, 80, scale=2.0)
+    up = upsample_labels(labels, prob, 80, 80, 2.0, 0.5)
+    assert up.dtype == np.int32 and up.shape == (80, 80)
+    wrong_near, wrong_up = int((near != truth).sum()), int((up != truth).sum())
+    assert wrong_up < 0.5 * wrong_near, (wrong_up, wrong_near)
+    # The split between the touching blobs is the coarse labels' own: no pixel changes owner.
+    both = (up > 0) & (near > 0)
+    np.testing.assert_array_equal(up[both], near[both])
+    # uint8 probability (x 255, as the stitched raster stores it) draws the same outlines.
+    q = np.rint(prob * 255).astype(np.uint8)
+    assert int((upsample_labels(labels, q, 80, 80, 2.0, 0.5) != up).sum()) <= 4
+
+
+def test_upsample_labels_is_nearest_when_not_finer():
+    prob, labels = _blobs(1.0)
+    np.testing.assert_array_equal(upsample_labels(labels, prob, 40, 40, 1.0, 0.5), labels)
+    np.testing.assert_array_equal(upsample_labels(labels, prob, 20, 20, 0.5, 0.5),
+                                  resample_nearest(labels, 20, 20, 0.5))
+    empty = np.zeros_like(labels)
+    assert not upsample_labels(empty, prob, 80, 80, 2.0, 0.5).any()  # no object, nothing grows
