@@ -77,3 +77,47 @@ class TwoStage(nn.Module):
         coarse = self.stage1(x)["mask"]
         refined = self.enhancement(torch.cat([x, torch.sigmoid(coarse)], dim=1))["mask"]
         return {"mask": refined, "coarse": coarse}
+
+
+class EnhancedStudent(nn.Module):
+    """The enhancement stage on a HoVer-UNet student: (B,3,H,W) RGB -> {"np": (B,2,H,W)
+    refined logits, "hv": (B,2,H,W) the student's, "coarse": (B,1,H,W) the student's
+    nucleus logit}.
+
+    Stage 2 sees RGB + the student's nucleus probability and adds a correction to its logit
+    (residual; the last conv starts at zero, so training starts from the student exactly).
+    "np" carries the refined logit r as [0, r], whose softmax is sigmoid(r): the student's
+    loss, maps and post-processing apply unchanged. ``freeze_stage1`` keeps the student's
+    weights and BatchNorm statistics fixed (the paper's stage 2), so HV stays the student's.
+
+    stage1: keyword arguments for `Student`; enhancement: for `Enhancement` (in_channels 4).
+    """
+
+    def __init__(self, stage1: Mapping[str, Any] | None = None, enhancement: Mapping[str, Any] | None = None,
+                 freeze_stage1: bool = True) -> None:
+        from .student import Student
+
+        super().__init__()
+        self.in_channels = 3
+        self.stage1 = Student(**(stage1 or {}))
+        self.outputs = {**self.stage1.outputs, "coarse": 1}
+        self.enhancement = Enhancement(**{**(enhancement or {}), "in_channels": 4})
+        last = self.enhancement.net[-1]
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        self.freeze_stage1 = bool(freeze_stage1)
+        self.stage1.requires_grad_(not self.freeze_stage1)
+
+    def train(self, mode: bool = True) -> EnhancedStudent:
+        super().train(mode)
+        if self.freeze_stage1:
+            self.stage1.eval()
+        return self
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        out = self.stage1(x)
+        np_logits = out["np"]
+        coarse = np_logits[:, 1:2] - np_logits[:, 0:1]  # log-odds of softmax's nucleus channel
+        delta = self.enhancement(torch.cat([x, torch.sigmoid(coarse)], dim=1))["mask"]
+        refined = coarse + delta
+        return {**out, "np": torch.cat([torch.zeros_like(refined), refined], dim=1), "coarse": coarse}

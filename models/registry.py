@@ -5,7 +5,7 @@ from typing import Any
 
 from torch import nn
 
-from .enhancement import Enhancement, TwoStage
+from .enhancement import EnhancedStudent, Enhancement, TwoStage
 from .golo import GoLo
 from .student import Student
 from .unet import UNet
@@ -16,6 +16,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "twostage": TwoStage,
     "student": Student,
     "enhancement": Enhancement,
+    "student-enhanced": EnhancedStudent,
 }
 
 

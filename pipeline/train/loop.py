@@ -20,6 +20,7 @@ import torch
 from nucleiflow.models import losses
 from nucleiflow.models.checkpoint import load_checkpoint
 from nucleiflow.models.registry import create_model
+from nucleiflow.models.enhancement import EnhancedStudent
 from nucleiflow.models.golo import GoLo
 from nucleiflow.models.unet import UNet
 from nucleiflow.models.widen import widen_unet
@@ -155,6 +156,10 @@ def initial_weights(model: torch.nn.Module, init: str) -> str:
         model.load_state_dict(src.state_dict())
         return f"initial weights: {init}"
     device = next(model.parameters()).device
+    if isinstance(src, UNet) and isinstance(model, EnhancedStudent):
+        # The enhancement stage goes on top of a trained student, which it starts from exactly.
+        model.stage1.load_state_dict(src.state_dict())
+        return f"initial weights: {init} as stage 1 (the enhancement starts as the identity)"
     if isinstance(src, UNet) and isinstance(model, GoLo):
         # Both GoLo stages start as the trained U-Net: the global one on the downscaled tile
         # (its "np" head as a "mask" logit), the local one with a zero-weight coarse input.

@@ -10,7 +10,7 @@ import torch
 
 from nucleiflow.models import checkpoint
 from nucleiflow.models.checkpoint import list_checkpoints, load_checkpoint, model_hash, save_checkpoint, storage_roundtrip
-from nucleiflow.models.enhancement import Enhancement, TwoStage
+from nucleiflow.models.enhancement import EnhancedStudent, Enhancement, TwoStage
 from nucleiflow.models.golo import GoLo, from_crops, to_crops
 from nucleiflow.models.outputs import postprocess_method, to_maps
 from nucleiflow.models.registry import MODELS, create_model
@@ -35,6 +35,9 @@ CASES = {
                 {"np": 2, "hv": 2, "tp": 3}),
     "student-no-types": ("student", dict(base_channels=8, depth=2), 3, {"np": 2, "hv": 2}),
     "enhancement": ("enhancement", dict(), 4, {"mask": 1}),
+    "student-enhanced": ("student-enhanced", dict(stage1=dict(base_channels=8, depth=2),
+                                                  enhancement=dict(width=8), freeze_stage1=False), 3,
+                         {"np": 2, "hv": 2, "coarse": 1}),
 }
 
 
@@ -146,6 +149,38 @@ def test_enhancement_has_about_77k_weights():
     # 4->64 3x3, two 64->64 3x3, 64->1 1x1, each with a bias.
     assert n == (4 * 9 * 64 + 64) + 2 * (64 * 9 * 64 + 64) + (64 + 1) == 76_289
     print(f"\nEnhancement: {n:,} weights")
+
+
+def test_enhanced_student_starts_as_its_student_and_trains_only_the_enhancement():
+    from nucleiflow.models.student import Student
+
+    torch.manual_seed(0)
+    student = Student(base_channels=4, depth=2)
+    student.train()
+    student(torch.rand(2, 3, 32, 32))  # BatchNorm statistics off their defaults
+    model = EnhancedStudent(stage1=dict(base_channels=4, depth=2), enhancement=dict(width=8))
+    model.stage1.load_state_dict(student.state_dict())
+    x = torch.rand(2, 3, 32, 32)
+    student.eval()
+    model.train()  # the frozen student stays in eval mode: same maps as the student alone
+    with torch.no_grad():
+        a, b = student(x), model(x)
+    torch.testing.assert_close(torch.softmax(b["np"], 1), torch.softmax(a["np"], 1))
+    assert torch.equal(b["hv"], a["hv"])
+    bn = next(m for m in model.stage1.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    stats = bn.running_mean.clone()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(2):  # the zero-initialised last conv moves first, then the layers before it
+        opt.zero_grad()
+        out = model(x)
+        (-out["np"][:, 1].mean()).backward()
+        opt.step()
+    assert torch.equal(bn.running_mean, stats)
+    assert all(p.grad is None for p in model.stage1.parameters())
+    with torch.no_grad():
+        after = model(x)
+    assert torch.equal(after["hv"], a["hv"])
+    assert (after["np"][:, 1] > b["np"][:, 1]).all()  # the refined logit went where the loss pushed
 
 
 def test_twostage_set_stage_freezes_the_right_part():
