@@ -1,0 +1,65 @@
+"""Outlines at sub-pixel precision: vertices moved to where the probability crosses its threshold.
+
+Outlines traced at 0.5 on a label mask (marching squares) put every vertex half-way between
+the centres of an object's pixel and a pixel outside it. The model's probability says more:
+linearly interpolated between the two centres, it crosses the post-processing's threshold
+somewhere on that segment, and that is where the nucleus ends. `follow_probability` moves
+each vertex there, as `labels.upsample_labels` draws the same outline on a finer pixel grid
+(`evaluate`), so the GeoParquet polygons and the scores agree.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+#: Vertices stay this far (as a fraction of the segment) from either pixel centre, so that
+#: neighbouring vertices never meet at a centre and pinch the outline.
+MARGIN = 0.1
+
+
+def follow_probability(xy: np.ndarray, owner: np.ndarray, labels: np.ndarray, prob: np.ndarray,
+                       threshold: float) -> np.ndarray:
+    """Vertices of mask outlines moved along their pixel-centre segment to the threshold.
+
+    Args:
+        xy: (V, 2) float64 vertices (x, y) in pixel-corner coordinates of ``labels`` (pixel
+            ``(r, c)`` spans ``[c, c+1) x [r, r+1)``), each half-way between two 4-neighbour
+            pixel centres, as marching squares at 0.5 leaves them.
+        owner: (V,) int label of the object each vertex outlines.
+        labels: (H, W) int labels the outlines were traced on; prob: (H, W) float NP
+            probability in [0, 1]; threshold: the mask threshold it was cut at.
+
+    Returns:
+        (V, 2) float64: a vertex between an object pixel (value p_in, at least just above the
+        threshold) and a background pixel (p_out, at most just below) sits at the fraction
+        ``(p_in - threshold) / (p_in - p_out)`` of the way out, clipped to [MARGIN, 1 - MARGIN].
+        Vertices between two objects (the watershed's split) or at the array's edge stay
+        half-way, so touching outlines neither overlap nor part.
+    """
+    xy = np.asarray(xy, np.float64)
+    if len(xy) == 0:
+        return xy.copy()
+    h, w = labels.shape
+    x2, y2 = np.rint(2 * xy[:, 0]).astype(np.int64), np.rint(2 * xy[:, 1]).astype(np.int64)
+    across = x2 % 2 == 0  # x on a pixel corner line: the segment joins a left and a right centre
+    # The two pixels: (r1, c1) above / left of the vertex, (r2, c2) below / right.
+    r1 = np.where(across, (y2 - 1) // 2, y2 // 2 - 1)
+    c1 = np.where(across, x2 // 2 - 1, (x2 - 1) // 2)
+    r2, c2 = r1 + (~across), c1 + across
+    inside = (r1 >= 0) & (c1 >= 0) & (r2 < h) & (c2 < w)
+    lab1 = np.where(inside, labels[np.clip(r1, 0, h - 1), np.clip(c1, 0, w - 1)], 0)
+    lab2 = np.where(inside, labels[np.clip(r2, 0, h - 1), np.clip(c2, 0, w - 1)], 0)
+    p1 = prob[np.clip(r1, 0, h - 1), np.clip(c1, 0, w - 1)].astype(np.float64)
+    p2 = prob[np.clip(r2, 0, h - 1), np.clip(c2, 0, w - 1)].astype(np.float64)
+    first_in = lab1 == owner  # else the object's pixel is the second one
+    other = np.where(first_in, lab2, lab1)
+    eps = 1e-3
+    p_in = np.maximum(np.where(first_in, p1, p2), threshold + eps)
+    p_out = np.minimum(np.where(first_in, p2, p1), threshold - eps)
+    t = np.clip((p_in - threshold) / (p_in - p_out), MARGIN, 1 - MARGIN)
+    t = np.where(inside & (other == 0), t, 0.5)
+    # Position from the first centre: t out of it when it is the object's, else 1 - t.
+    s = np.where(first_in, t, 1 - t)
+    out = xy.copy()
+    out[:, 0] = np.where(across, c1 + 0.5 + s, xy[:, 0])
+    out[:, 1] = np.where(across, xy[:, 1], r1 + 0.5 + s)
+    return out

@@ -1,0 +1,66 @@
+"""Outline vertices moved to where the interpolated probability crosses the threshold."""
+from __future__ import annotations
+
+import numpy as np
+from skimage import measure
+
+from nucleiflow.pipeline.postprocess.subpixel import MARGIN, follow_probability
+
+
+def _rings(labels: np.ndarray, lab: int) -> np.ndarray:
+    padded = np.pad((labels == lab).astype(float), 1)
+    return np.concatenate([c[:, ::-1] - 0.5 for c in measure.find_contours(padded, 0.5, fully_connected="high")])
+
+
+def test_vertices_move_to_the_linear_crossing_and_splits_stay():
+    labels = np.array([[0, 0, 0, 0, 0],
+                       [0, 1, 1, 2, 0],
+                       [0, 0, 0, 0, 0]])
+    prob = np.array([[0.1, 0.3, 0.1, 0.1, 0.1],
+                     [0.1, 0.9, 0.7, 0.9, 0.49],
+                     [0.1, 0.1, 0.1, 0.1, 0.1]])
+    xy = _rings(labels, 1)
+    moved = follow_probability(xy, np.full(len(xy), 1), labels, prob, 0.5)
+    got = {tuple(a): tuple(b) for a, b in zip(np.round(xy, 6), np.round(moved, 6))}
+    # Above pixel (1, 1): from its centre (1.5, 1.5) up towards (1.5, 0.5): t = 0.4 / 0.6.
+    assert np.allclose(got[(1.5, 1.0)], (1.5, 1.5 - 0.4 / 0.6))
+    # Left of (1, 1), towards (1, 0) at 0.1: t = 0.4 / 0.8 = 0.5.
+    assert np.allclose(got[(1.0, 1.5)], (1.0, 1.5))
+    # Below (1, 2) at 0.7 towards 0.1: t = 0.2 / 0.6.
+    assert np.allclose(got[(2.5, 2.0)], (2.5, 1.5 + 0.2 / 0.6))
+    # Between object 1 and object 2: the split stays half-way.
+    assert np.allclose(got[(3.0, 1.5)], (3.0, 1.5))
+    xy2 = _rings(labels, 2)
+    moved2 = follow_probability(xy2, np.full(len(xy2), 2), labels, prob, 0.5)
+    right = {tuple(a): tuple(b) for a, b in zip(np.round(xy2, 6), np.round(moved2, 6))}
+    # Right of (1, 3) towards a background pixel at 0.49 (just below): clipped short of its centre.
+    assert np.allclose(right[(4.0, 1.5)], (3.5 + 1 - MARGIN, 1.5))
+    assert np.allclose(right[(3.0, 1.5)], (3.0, 1.5))
+
+
+def test_array_edge_and_weak_pixels():
+    labels = np.array([[1, 1], [0, 0]])
+    prob = np.array([[0.2, 0.8], [0.0, 0.0]])  # (0, 0) is in the object below the threshold
+    xy = _rings(labels, 1)
+    moved = follow_probability(xy, np.full(len(xy), 1), labels, prob, 0.5)
+    got = {tuple(a): tuple(b) for a, b in zip(np.round(xy, 6), np.round(moved, 6))}
+    assert np.allclose(got[(0.0, 0.5)], (0.0, 0.5))  # the array's edge: unchanged
+    assert np.allclose(got[(0.5, 1.0)], (0.5, 0.5 + MARGIN))  # a weak object pixel: just out of its centre
+    assert np.allclose(got[(1.5, 1.0)], (1.5, 0.5 + 0.3 / 0.8))
+    assert follow_probability(np.zeros((0, 2)), np.zeros(0, int), labels, prob, 0.5).shape == (0, 2)
+
+
+def test_area_follows_the_probability_of_a_disc():
+    # A disc's probability falls off linearly with the radius: the 0.5 crossing is at r = 6.
+    yy, xx = np.mgrid[:21, :21] + 0.5
+    r = np.hypot(xx - 10.5, yy - 10.5)
+    prob = np.clip(0.5 + (6 - r) / 4, 0, 1)
+    labels = (prob >= 0.5).astype(int)
+    xy = _rings(labels, 1)
+    moved = follow_probability(xy, np.full(len(xy), 1), labels, prob, 0.5)
+
+    def radius_error(p):
+        return np.abs(np.hypot(p[:, 0] - 10.5, p[:, 1] - 10.5) - 6)
+
+    assert radius_error(xy).max() > 0.3  # the mask's outline: the pixel grid's staircase
+    assert radius_error(moved).max() <= MARGIN + 1e-9  # the pixel exactly at 0.5: kept MARGIN out
