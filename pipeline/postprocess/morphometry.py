@@ -66,8 +66,12 @@ def moments(labels: np.ndarray, second: bool = False) -> tuple[np.ndarray, ...]:
     """
     flat = labels.ravel()
     fg = np.flatnonzero(flat)
-    lab = flat[fg]
-    y, x = np.divmod(fg, labels.shape[1])
+    return _moments(flat[fg], fg, labels.shape[1], second)
+
+
+def _moments(lab: np.ndarray, fg: np.ndarray, width: int, second: bool) -> tuple[np.ndarray, ...]:
+    """`moments` of the foreground pixels: their labels and raveled indices (ascending)."""
+    y, x = np.divmod(fg, width)
     n = np.bincount(lab)
     present = np.flatnonzero(n)
 
@@ -141,11 +145,11 @@ def _largest_polygon(geom: shapely.Geometry) -> shapely.Polygon:
     return max(parts, key=lambda g: g.area)
 
 
-def _clean(polys: np.ndarray, tolerance: float = 0.0) -> np.ndarray:
-    """Repair invalid outlines (make_valid, largest part), then simplify lightly where that
-    keeps a valid non-empty Polygon."""
+def _clean(polys: np.ndarray, tolerance: float = 0.0, valid: bool = False) -> np.ndarray:
+    """Repair invalid outlines (make_valid, largest part; skipped when ``valid``: they come
+    from an earlier ``_clean``), then simplify lightly where that keeps a valid non-empty Polygon."""
     polys = polys.copy()
-    for i in np.flatnonzero(~shapely.is_valid(polys)):
+    for i in [] if valid else np.flatnonzero(~shapely.is_valid(polys)):
         polys[i] = _largest_polygon(shapely.make_valid(polys[i]))
     if tolerance <= 0 or len(polys) == 0:
         return polys
@@ -208,7 +212,9 @@ def nuclei_table(
         if arr is not None and np.shape(arr)[-2:] != labels.shape:
             raise ValueError(f"{name} shape {np.shape(arr)} does not match labels {labels.shape}")
     classes, border = type_prob is not None, border_labels is not None
-    present, *sums = moments(labels, second=True)
+    fg = np.flatnonzero(labels.ravel())
+    fg_labels = labels.ravel()[fg]
+    present, *sums = _moments(fg_labels, fg, labels.shape[1], second=True)
     kept = _select(present, keep)
     if len(kept) == 0:
         return empty_table(classes=classes, border=border)
@@ -234,10 +240,10 @@ def nuclei_table(
         "major_axis_um": shape["major"] * mpp,
         "minor_axis_um": shape["minor"] * mpp,
         "orientation": shape["orientation"].astype(np.float32),
-        "mean_prob": _region_means(labels, prob, kept, n),
+        "mean_prob": _region_means(fg_labels, fg, prob, kept, n),
     }
     if classes:
-        means = np.stack([_region_means(labels, p, kept, n) for p in type_prob])
+        means = np.stack([_region_means(fg_labels, fg, p, kept, n) for p in type_prob])
         cid = means.argmax(axis=0).astype(np.int32)
         names = list(class_names) if class_names is not None else [str(i) for i in range(len(type_prob))]
         table.update(class_id=cid, class_name=np.array([names[i] for i in cid], dtype=object))
@@ -256,7 +262,7 @@ def _outlines(labels: np.ndarray, kept: np.ndarray, offset: tuple[float, float],
     raw = _clean(polys)
     hull = shapely.area(shapely.convex_hull(raw))
     solidity = np.divide(shapely.area(raw), hull, out=np.ones(len(kept)), where=hull > 0)
-    return shapely.transform(_clean(raw, simplify), lambda xy: xy * scale), perim, solidity
+    return shapely.transform(_clean(raw, simplify, valid=True), lambda xy: xy * scale), perim, solidity
 
 
 _PERIMETER_WEIGHTS = np.zeros(50)
@@ -312,9 +318,13 @@ def _shape(
     return {"eccentricity": ecc, "major": 4 * np.sqrt(l1), "minor": 4 * np.sqrt(l2), "orientation": orient}
 
 
-def _region_means(labels: np.ndarray, values: np.ndarray | None, kept: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """float32 mean of ``values`` (H, W) over each kept label; NaN when values is None."""
+def _region_means(lab: np.ndarray, fg: np.ndarray, values: np.ndarray | None, kept: np.ndarray,
+                  counts: np.ndarray) -> np.ndarray:
+    """float32 mean of ``values`` (H, W) over each kept label; NaN when values is None.
+    ``lab``, ``fg``: labels and raveled indices of the foreground pixels, ascending (each
+    label's sum adds its pixels in the same order as over the whole array: same bits)."""
     if values is None:
         return np.full(len(kept), np.nan, dtype=np.float32)
-    sums = np.bincount(labels.ravel(), weights=np.asarray(values, dtype=np.float64).ravel())
+    weights = np.asarray(values).ravel()[fg].astype(np.float64)
+    sums = np.bincount(lab, weights=weights)
     return (sums[kept] / counts).astype(np.float32)

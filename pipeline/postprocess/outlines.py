@@ -65,7 +65,10 @@ def rings(labels: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     # Squares whose four corners are not all one value: the only ones with segments.
     ul, ur, ll, lr = pad[:-1, :-1], pad[:-1, 1:], pad[1:, :-1], pad[1:, 1:]
     sq = np.flatnonzero((ul != ur) | (ul != ll) | (ul != lr))
-    a, b, c, d = (v.ravel()[sq] for v in (ul, ur, ll, lr))
+    r0, c0 = np.divmod(sq, w + 1)
+    at = r0 * (w + 2) + c0  # the square's top-left pixel in pad, raveled
+    flat = pad.ravel()
+    a, b, c, d = flat[at], flat[at + 1], flat[at + w + 2], flat[at + w + 3]
     # One entry per (square, object among its corners): the object's first corner names it.
     owner, square, case = [], [], []
     for k, (lab, earlier) in enumerate(((a, ()), (b, (a,)), (c, (a, b)), (d, (a, b, c)))):
@@ -84,7 +87,7 @@ def rings(labels: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     j = np.concatenate([np.zeros(len(case), np.int64), np.ones(int(two.sum()), np.int64)])
     square = np.concatenate([square, square[two]])
     case = np.concatenate([case, case[two]])
-    order = np.lexsort((j, square, owner))
+    order = np.argsort((owner * len(pad.ravel()) + square) * 2 + j)  # unique keys
     owner, square, seg = owner[order], square[order], _SEG[case[order], j[order]]
     r0, c0 = np.divmod(square, w + 1)
     fr, fc = 2 * r0 + seg[:, 0], 2 * c0 + seg[:, 1]  # doubled padded (row, col) of the start
@@ -110,7 +113,7 @@ def rings(labels: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     while not np.array_equal(nxt, nxt[nxt]):
         dist, nxt = dist + dist[nxt], nxt[nxt]
     # The ring starts after its last segment: the position of s is length - 1 - dist.
-    walk = np.lexsort((-dist, lo))  # rings by first segment (grouped by object), then walk
+    walk = np.argsort(lo * n + (n - 1 - dist))  # rings by first segment (grouped by object), then walk
     ring_first = np.flatnonzero(np.r_[True, lo[walk][1:] != lo[walk][:-1]])
     lengths = np.diff(np.r_[ring_first, n])
     # Vertices: each segment's start, then the ring's first vertex again.
