@@ -285,9 +285,16 @@ def perimeters(labels: np.ndarray, kept: np.ndarray) -> np.ndarray:
     interior = np.ones(labels.shape, bool)
     for dr, dc, _ in _NEIGHBOURS[:4]:
         interior &= lab[1 + dr : 1 + dr + h, 1 + dc : 1 + dc + w] == centre
-    border = np.pad((centre > 0) & ~interior & np.isin(centre, kept), 1)
+    # Border pixels of every label; a neighbour with the same label shares its kept-ness, so
+    # the labels not kept can be dropped afterwards (a gather on the few border pixels, not
+    # an isin over the whole array).
+    border = np.pad((centre > 0) & ~interior, 1)
     r, c = np.nonzero(border)
     own = lab[r, c]
+    is_kept = np.zeros(int(own.max(initial=0)) + 1, bool)
+    is_kept[kept[kept < len(is_kept)]] = True
+    chosen = is_kept[own]
+    r, c, own = r[chosen], c[chosen], own[chosen]
     code = np.ones(len(r), np.int64)
     for dr, dc, weight in _NEIGHBOURS:
         code += weight * (border[r + dr, c + dc] & (lab[r + dr, c + dc] == own))
