@@ -69,10 +69,10 @@ def ownership(labels: np.ndarray, core_in_array: BoxLike) -> np.ndarray:
     [1]
     """
     present, n, sx, sy = moments(np.asarray(labels))
-    return present[_centroid_in(n, sx, sy, core_in_array)].astype(np.int64)
+    return present[centroid_in(n, sx, sy, core_in_array)].astype(np.int64)
 
 
-def _centroid_in(n: np.ndarray, sx: np.ndarray, sy: np.ndarray, box: BoxLike) -> np.ndarray:
+def centroid_in(n: np.ndarray, sx: np.ndarray, sy: np.ndarray, box: BoxLike) -> np.ndarray:
     """bool per region (`moments`' n, sx, sy): mean pixel centre in the half-open ``box``."""
     x0, y0, x1, y1 = box_coords(box)
     tx, ty = 2 * sx + n, 2 * sy + n  # 2 * n * centroid
@@ -154,7 +154,7 @@ def own_tile(tile: Tile, labels: np.ndarray, prob: np.ndarray, plan: TilePlan) -
     core_in_window = Box(h, h, h + tile.core.width, h + tile.core.height)
     labels = inside_slide(labels, tile, plan)
     present, n, sx, sy = moments(labels)
-    owned = _centroid_in(n, sx, sy, core_in_window)
+    owned = centroid_in(n, sx, sy, core_in_window)
     window = relabel(labels, present[owned], 1)  # `owned_labels`, reusing the moments
     core = window[h : h + tile.core.height, h : h + tile.core.width]
     prob_core = prob[h : h + tile.core.height, h : h + tile.core.width]
