@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 # Per case (bits: ul 1, ur 2, ll 4, lr 8): segments (from, to) as doubled (row, col) offsets
-# inside the square, 0 = top / left corner, 2 = bottom / right. skimage 0.2x with
+# inside the square, 0 = top / left corner, 2 = bottom / right: skimage's (0.26) with
 # vertex_connect_high=True at level 0.5 on 0/1 values (checked in tests/postprocess).
 _T, _B, _L, _R = (0, 1), (2, 1), (1, 0), (1, 2)
 _SEGMENTS: dict[int, list[tuple[tuple[int, int], tuple[int, int]]]] = {
