@@ -100,6 +100,8 @@ def rings(labels: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray,
 
     # Each ring: its first (min) and last (max) segment in scan order, by pointer jumping.
     n = len(succ)
+    if n == 0:
+        return np.zeros((0, 2)), np.zeros(1, np.int64), np.zeros(0, np.int64)
     lo, hi, step = np.arange(n), np.arange(n), succ
     while True:
         lo2, hi2 = np.minimum(lo, lo[step]), np.maximum(hi, hi[step])

@@ -56,3 +56,8 @@ def test_ring_of_a_ring_shaped_nucleus_and_its_hole():
     outer, hole = xy[start[0] : start[1]], xy[start[1] : start[2]]
     assert np.array_equal(outer[0], outer[-1]) and np.array_equal(hole[0], hole[-1])
     assert outer[:, 0].min() == 1.0 and outer[:, 0].max() == 6.0  # along the pixels' edges (corners cut)
+
+
+def test_no_objects_no_rings():
+    xy, start, owner = rings(np.zeros((3, 4), np.int32), np.array([], np.int64))
+    assert xy.shape == (0, 2) and start.tolist() == [0] and owner.size == 0
