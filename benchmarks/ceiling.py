@@ -31,6 +31,8 @@ GPU instead (`infer.dense`); the "gpu_edge" / "edge on GPU" rows leave it out (i
 is not measured here). The ref tree, if older than that split, shows no edge row. With --compare the
 outputs of both are compared too: label rasters and tables identical, or else the share of
 REF's nuclei matched at IoU >= 0.9 and the count difference (goal: >= 99.5%, within 0.5%).
+Card keys REF does not know (e.g. ``postprocess.min_mean_prob``) are left out for both trees,
+so both do the same work; the run says which.
 """
 from __future__ import annotations
 
@@ -78,6 +80,21 @@ def run_child(mode: str, spec: dict) -> dict:
         spec = {**spec, "result": str(Path(d) / "r.json")}
         subprocess.run([sys.executable, str(CHILD), mode, json.dumps(spec)], check=True)
         return json.loads(Path(spec["result"]).read_text())
+
+
+def common_card(card: dict, known: dict) -> tuple[dict, list[str]]:
+    """``card`` without the keys an older tree's `ModelCard` (``known``, from the child's
+    ``fields``) would refuse, and the names of those left out. Both trees then run the same
+    card: e.g. a post-processing filter the old tree lacks (``min_mean_prob``) is off for
+    both, so they do the same work and their outputs can be compared."""
+    dropped = [k for k in card if k not in known["card"]]
+    out = {k: v for k, v in card.items() if k in known["card"]}
+    post = dict(card.get("postprocess") or {})
+    allowed = known["postprocess"].get(post.get("method", "hv"), list(post))
+    dropped += [f"postprocess.{k}" for k in post if k not in allowed and post[k] is not None]
+    if "postprocess" in out:
+        out["postprocess"] = {k: v for k, v in post.items() if k in allowed}
+    return out, dropped
 
 
 def per_mpx(r: dict, with_stain: bool) -> dict:
@@ -163,6 +180,10 @@ def main() -> None:
     if a.compare:
         sha, folder = export_ref(a.compare, a.cache)
         variants = {f"ref {a.compare}@{sha[:8]}": folder, "new": REPO}
+        card, dropped = common_card(card, run_child("fields", {"root": str(folder)}))
+        if dropped:
+            print(f"card keys {a.compare} does not know, left out for both trees (same work on each side): "
+                  f"{', '.join(dropped)}", file=sys.stderr, flush=True)
     outs = {name: a.cache / f"out-{i}" for i, name in enumerate(variants)}
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     for rep in range(a.repeats):

@@ -2,6 +2,7 @@
 
     python benchmarks/ceiling_child.py record SPEC_JSON     # model maps of every batch -> cache
     python benchmarks/ceiling_child.py measure SPEC_JSON    # stages on replayed maps -> JSON
+    python benchmarks/ceiling_child.py fields SPEC_JSON     # the card keys this tree knows -> JSON
 
 ``SPEC["root"]`` names the checkout whose ``nucleiflow`` is imported (this one, or an
 exported tree of another git ref): `use_root` points the three import packages at it
@@ -199,6 +200,18 @@ def pooled(spec: dict, reader, tissue, plan, card, calls, procs: int) -> dict:
         shutil.rmtree(out, ignore_errors=True)
 
 
+def fields(spec: dict) -> dict:
+    """The model card keys this tree knows: top level, and per post-processing method."""
+    import typing
+
+    from nucleiflow.pipeline.config import ModelCard, PostprocessConfig
+
+    union = typing.get_args(PostprocessConfig)[0]
+    post = {typing.get_args(c.model_fields["method"].annotation)[0]: list(c.model_fields)
+            for c in typing.get_args(union)}
+    return {"card": list(ModelCard.model_fields), "postprocess": post}
+
+
 def measure(spec: dict) -> dict:
     reader, tissue, plan, card = _open(spec)
     calls = _load_calls(spec["cache"])
@@ -215,5 +228,5 @@ def measure(spec: dict) -> dict:
 if __name__ == "__main__":
     mode, spec = sys.argv[1], json.loads(sys.argv[2])
     use_root(spec["root"])
-    result = {"record": record, "measure": measure}[mode](spec)
+    result = {"record": record, "measure": measure, "fields": fields}[mode](spec)
     Path(spec["result"]).write_text(json.dumps(result))

@@ -21,10 +21,10 @@ from nucleiflow.pipeline.slide.reader import SlideReader
 from nucleiflow.pipeline.slide.stain import StainReference, normalise
 from nucleiflow.pipeline.tiles.plan import Box, Tile, TilePlan
 from nucleiflow.pipeline.config import PostprocessConfig
-from nucleiflow.pipeline.postprocess.morphometry import empty_table, nuclei_table
+from nucleiflow.pipeline.postprocess.morphometry import empty_table, moments, nuclei_table
 from nucleiflow.pipeline.postprocess.watershed import postprocess as run_postprocess
 from nucleiflow.pipeline.postprocess.plausible import implausible
-from nucleiflow.pipeline.tiles.ownership import TileNuclei, inside_slide, own_tile, ownership, touches_border
+from nucleiflow.pipeline.tiles.ownership import TileNuclei, centroid_in, inside_slide, own_tile, touches_border
 
 
 def empty_tile_table(classes: bool = False) -> dict:
@@ -62,8 +62,10 @@ def drop_implausible(
     owned objects counts each once in the slide, and an object a neighbour owns is its
     neighbour's to judge (in its own window, where it is whole)."""
     core = Box(plan.halo, plan.halo, plan.halo + tile.core.width, plan.halo + tile.core.height)
+    sums = moments(labels)  # once, for the ownership test and the rules
+    owned = sums[0][centroid_in(*sums[1:], core)]
     drop = implausible(labels, plan.mpp, rgb=rgb, region=plan.region, offset=(tile.read.x0, tile.read.y0),
-                       candidates=ownership(labels, core))
+                       candidates=owned, sums=sums)
     ids = np.concatenate(list(drop.values()))
     if ids.size:
         labels = np.where(np.isin(labels, ids), 0, labels)

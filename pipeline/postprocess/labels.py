@@ -44,15 +44,18 @@ def remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
 
     Ids of the objects kept are unchanged. Returns int32 (H, W).
     """
-    labels = np.asarray(labels).astype(np.int32, copy=True)
+    labels = np.asarray(labels)
     if min_size <= 1 or labels.size == 0:
-        return labels
+        return labels.astype(np.int32, copy=True)
     area = np.bincount(labels.ravel())
     small = area < min_size
     small[0] = False
-    if small.any():
-        labels[small[labels]] = 0
-    return labels
+    if not small.any():
+        return labels.astype(np.int32, copy=True)
+    # One gather through a lookup table: cheaper than a copy, a bool gather and a masked store.
+    lut = np.arange(len(area), dtype=np.int32)
+    lut[small] = 0
+    return np.take(lut, labels)
 
 
 def remove_unsure(labels: np.ndarray, prob: np.ndarray, min_mean_prob: float) -> np.ndarray:

@@ -18,10 +18,9 @@ from typing import Any
 
 import numpy as np
 import shapely
-from scipy import ndimage as ndi
-from skimage import measure
 
 from nucleiflow.pipeline.postprocess.labels import nucleus_ids
+from nucleiflow.pipeline.postprocess.outlines import rings
 
 #: Columns of every nuclei table, in order, with their numpy dtypes (geometry: shapely objects).
 COLUMNS: dict[str, str] = {
@@ -67,8 +66,12 @@ def moments(labels: np.ndarray, second: bool = False) -> tuple[np.ndarray, ...]:
     """
     flat = labels.ravel()
     fg = np.flatnonzero(flat)
-    lab = flat[fg]
-    y, x = np.divmod(fg, labels.shape[1])
+    return _moments(flat[fg], fg, labels.shape[1], second)
+
+
+def _moments(lab: np.ndarray, fg: np.ndarray, width: int, second: bool) -> tuple[np.ndarray, ...]:
+    """`moments` of the foreground pixels: their labels and raveled indices (ascending)."""
+    y, x = np.divmod(fg, width)
     n = np.bincount(lab)
     present = np.flatnonzero(n)
 
@@ -96,48 +99,39 @@ def _select(present: np.ndarray, keep: Iterable[int] | None) -> np.ndarray:
     return present if keep is None else present[np.isin(present, np.asarray(list(keep), dtype=np.int64))]
 
 
-def _ring_area(ring: np.ndarray) -> float:
-    """Signed shoelace area of a closed (N, 2) ring; > 0 for find_contours exteriors."""
-    x, y = ring[:, 0], ring[:, 1]
-    return 0.5 * float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1]))
-
-
-def _mask_rings(mask: np.ndarray, shift: tuple[float, float]) -> tuple[np.ndarray, list[np.ndarray]]:
-    """The outline of the largest part of a bool mask, in its pixel-corner coordinates +
-    ``shift``: (exterior ring (N, 2) float64, the other rings that wind as holes do).
-
-    Marching squares at 0.5 on the zero-padded mask: the outline passes half-way between
-    pixel centres, i.e. along pixel edges with corners cut. ``fully_connected="high"`` joins
-    diagonal neighbours into one part. Which of the hole-like rings lie inside the exterior
-    (holes of the kept part, kept) is decided by `_polygons`.
-    """
-    h, w = mask.shape
-    # A float64 frame filled in place: np.pad + astype cost more than the contours themselves.
-    padded = np.zeros((h + 2, w + 2))
-    padded[1:-1, 1:-1] = mask
-    # Padded index -> mask index is -1; pixel centre -> pixel-corner coordinates is +0.5.
-    origin = np.array([shift[0] - 0.5, shift[1] - 0.5])
-    rings = [c[:, ::-1] + origin for c in measure.find_contours(padded, 0.5, fully_connected="high")]
-    if len(rings) == 1:
-        return rings[0], []
-    areas = [_ring_area(r) for r in rings]
-    k = int(np.argmax(areas))
-    return rings[k], [r for i, (r, a) in enumerate(zip(rings, areas)) if i != k and a < 0]
-
-
-def _polygons(shells: list[np.ndarray], holes: list[list[np.ndarray]]) -> np.ndarray:
-    """Polygons from exterior rings and candidate holes (kept when inside their shell), built
-    in one vectorised call for the nuclei without holes (nearly all)."""
-    out = np.empty(len(shells), dtype=object)
-    if shells:
-        lengths = np.fromiter((len(r) for r in shells), np.int64, len(shells))
-        rings = shapely.linearrings(np.concatenate(shells), indices=np.repeat(np.arange(len(shells)), lengths))
-        out[:] = shapely.polygons(rings)
-    for i, cand in enumerate(holes):
-        if cand:
-            inside = [r for r in cand if out[i].contains(shapely.Point(r[0]))]
-            if inside:
-                out[i] = shapely.Polygon(shells[i], inside)
+def _polygons(xy: np.ndarray, ring_start: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
+    """One Polygon per object from `outlines.rings`' output (xy (V, 2), ring offsets (R + 1,),
+    owner (R,) object index in 0..n-1, rings grouped by object): the ring of largest signed
+    area is the exterior (the first on ties); the other rings that wind as holes do (area <
+    0) are holes when they lie inside it (a hole of another part is not). Built in one
+    vectorised call for the exteriors; objects with several rings (rare) are finished one by one."""
+    out = np.empty(n, dtype=object)
+    if n == 0:
+        return out
+    lengths = np.diff(ring_start)
+    count = np.bincount(owner, minlength=n)
+    first = np.r_[0, np.cumsum(count)[:-1]]
+    shells, several = first.copy(), np.flatnonzero(count > 1)
+    area = np.zeros(len(lengths))
+    if several.size:
+        # Signed shoelace areas; vertices are multiples of 0.5, so these sums are exact.
+        x, y = xy[:, 0], xy[:, 1]
+        cross = x[:-1] * y[1:] - x[1:] * y[:-1]
+        within = np.ones(len(cross), bool)
+        within[ring_start[1:-1] - 1] = False  # vertex pairs that straddle two rings
+        ring_of = np.repeat(np.arange(len(lengths)), lengths)[:-1]
+        area = 0.5 * np.bincount(ring_of[within], weights=cross[within], minlength=len(lengths))
+        for i in several:
+            shells[i] = first[i] + int(np.argmax(area[first[i] : first[i] + count[i]]))
+    n_v = lengths[shells]
+    idx = np.repeat(ring_start[shells] - np.r_[0, np.cumsum(n_v)[:-1]], n_v) + np.arange(int(n_v.sum()))
+    out[:] = shapely.polygons(shapely.linearrings(xy[idx], indices=np.repeat(np.arange(n), n_v)))
+    for i in several:
+        holes = [xy[ring_start[r] : ring_start[r + 1]] for r in range(first[i], first[i] + count[i])
+                 if r != shells[i] and area[r] < 0]
+        holes = [h for h in holes if out[i].contains(shapely.Point(h[0]))]
+        if holes:
+            out[i] = shapely.Polygon(xy[ring_start[shells[i]] : ring_start[shells[i] + 1]], holes)
     return out
 
 
@@ -151,11 +145,11 @@ def _largest_polygon(geom: shapely.Geometry) -> shapely.Polygon:
     return max(parts, key=lambda g: g.area)
 
 
-def _clean(polys: np.ndarray, tolerance: float = 0.0) -> np.ndarray:
-    """Repair invalid outlines (make_valid, largest part), then simplify lightly where that
-    keeps a valid non-empty Polygon."""
+def _clean(polys: np.ndarray, tolerance: float = 0.0, valid: bool = False) -> np.ndarray:
+    """Repair invalid outlines (make_valid, largest part; skipped when ``valid``: they come
+    from an earlier ``_clean``), then simplify lightly where that keeps a valid non-empty Polygon."""
     polys = polys.copy()
-    for i in np.flatnonzero(~shapely.is_valid(polys)):
+    for i in [] if valid else np.flatnonzero(~shapely.is_valid(polys)):
         polys[i] = _largest_polygon(shapely.make_valid(polys[i]))
     if tolerance <= 0 or len(polys) == 0:
         return polys
@@ -218,7 +212,9 @@ def nuclei_table(
         if arr is not None and np.shape(arr)[-2:] != labels.shape:
             raise ValueError(f"{name} shape {np.shape(arr)} does not match labels {labels.shape}")
     classes, border = type_prob is not None, border_labels is not None
-    present, *sums = moments(labels, second=True)
+    fg = np.flatnonzero(labels.ravel())
+    fg_labels = labels.ravel()[fg]
+    present, *sums = _moments(fg_labels, fg, labels.shape[1], second=True)
     kept = _select(present, keep)
     if len(kept) == 0:
         return empty_table(classes=classes, border=border)
@@ -244,10 +240,10 @@ def nuclei_table(
         "major_axis_um": shape["major"] * mpp,
         "minor_axis_um": shape["minor"] * mpp,
         "orientation": shape["orientation"].astype(np.float32),
-        "mean_prob": _region_means(labels, prob, kept, n),
+        "mean_prob": _region_means(fg_labels, fg, prob, kept, n),
     }
     if classes:
-        means = np.stack([_region_means(labels, p, kept, n) for p in type_prob])
+        means = np.stack([_region_means(fg_labels, fg, p, kept, n) for p in type_prob])
         cid = means.argmax(axis=0).astype(np.int32)
         names = list(class_names) if class_names is not None else [str(i) for i in range(len(type_prob))]
         table.update(class_id=cid, class_name=np.array([names[i] for i in cid], dtype=object))
@@ -260,20 +256,13 @@ def _outlines(labels: np.ndarray, kept: np.ndarray, offset: tuple[float, float],
               simplify: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per kept label: level-0 polygon (simplified), perimeter in model px (skimage's
     regionprops perimeter, 4-neighbourhood) and solidity (of the unsimplified outline)."""
-    ox, oy = offset
-    slices = ndi.find_objects(labels)
-    shells, holes = [], []
-    for lab in kept:
-        sl = slices[lab - 1]
-        shell, cand = _mask_rings(labels[sl] == lab, (ox + sl[1].start, oy + sl[0].start))
-        shells.append(shell)
-        holes.append(cand)
-    polys = _polygons(shells, holes)
+    xy, ring_start, owner = rings(labels, kept)
+    polys = _polygons(xy + np.asarray(offset, dtype=np.float64), ring_start, owner, len(kept))
     perim = perimeters(labels, kept)
     raw = _clean(polys)
     hull = shapely.area(shapely.convex_hull(raw))
     solidity = np.divide(shapely.area(raw), hull, out=np.ones(len(kept)), where=hull > 0)
-    return shapely.transform(_clean(raw, simplify), lambda xy: xy * scale), perim, solidity
+    return shapely.transform(_clean(raw, simplify, valid=True), lambda xy: xy * scale), perim, solidity
 
 
 _PERIMETER_WEIGHTS = np.zeros(50)
@@ -296,9 +285,16 @@ def perimeters(labels: np.ndarray, kept: np.ndarray) -> np.ndarray:
     interior = np.ones(labels.shape, bool)
     for dr, dc, _ in _NEIGHBOURS[:4]:
         interior &= lab[1 + dr : 1 + dr + h, 1 + dc : 1 + dc + w] == centre
-    border = np.pad((centre > 0) & ~interior & np.isin(centre, kept), 1)
+    # Border pixels of every label; a neighbour with the same label shares its kept-ness, so
+    # the labels not kept can be dropped afterwards (a gather on the few border pixels, not
+    # an isin over the whole array).
+    border = np.pad((centre > 0) & ~interior, 1)
     r, c = np.nonzero(border)
     own = lab[r, c]
+    is_kept = np.zeros(int(own.max(initial=0)) + 1, bool)
+    is_kept[kept[kept < len(is_kept)]] = True
+    chosen = is_kept[own]
+    r, c, own = r[chosen], c[chosen], own[chosen]
     code = np.ones(len(r), np.int64)
     for dr, dc, weight in _NEIGHBOURS:
         code += weight * (border[r + dr, c + dc] & (lab[r + dr, c + dc] == own))
@@ -329,9 +325,13 @@ def _shape(
     return {"eccentricity": ecc, "major": 4 * np.sqrt(l1), "minor": 4 * np.sqrt(l2), "orientation": orient}
 
 
-def _region_means(labels: np.ndarray, values: np.ndarray | None, kept: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """float32 mean of ``values`` (H, W) over each kept label; NaN when values is None."""
+def _region_means(lab: np.ndarray, fg: np.ndarray, values: np.ndarray | None, kept: np.ndarray,
+                  counts: np.ndarray) -> np.ndarray:
+    """float32 mean of ``values`` (H, W) over each kept label; NaN when values is None.
+    ``lab``, ``fg``: labels and raveled indices of the foreground pixels, ascending (each
+    label's sum adds its pixels in the same order as over the whole array: same bits)."""
     if values is None:
         return np.full(len(kept), np.nan, dtype=np.float32)
-    sums = np.bincount(labels.ravel(), weights=np.asarray(values, dtype=np.float64).ravel())
+    weights = np.asarray(values).ravel()[fg].astype(np.float64)
+    sums = np.bincount(lab, weights=weights)
     return (sums[kept] / counts).astype(np.float32)

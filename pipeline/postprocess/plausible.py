@@ -60,6 +60,7 @@ def implausible(
     region=None,
     offset: tuple[float, float] = (0.0, 0.0),
     candidates: np.ndarray | None = None,
+    sums: tuple[np.ndarray, ...] | None = None,
 ) -> dict[str, np.ndarray]:
     """Objects of ``labels`` that are not nuclei, by reason (each object under its first
     reason in `REASONS`).
@@ -71,10 +72,11 @@ def implausible(
             centre + ``offset``, the array's origin in model px) lies outside are dropped.
             None skips the rule.
         candidates: ids to judge (default: every object present).
+        sums: ``morphometry.moments(labels)`` when the caller has it already.
     Returns:
         ``{reason: sorted int64 ids}`` for every reason in `REASONS`.
     """
-    present, n, sx, sy = moments(labels)
+    present, n, sx, sy = moments(labels) if sums is None else sums
     if candidates is not None:
         pick = np.isin(present, candidates)
         present, n, sx, sy = present[pick], n[pick], sx[pick], sy[pick]

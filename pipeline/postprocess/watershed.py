@@ -83,8 +83,28 @@ def _open_disk(mask: np.ndarray, radius: int) -> np.ndarray:
     """
     if radius > 2:
         return ndi.binary_opening(mask, structure=disk(radius))
-    cross = ndi.generate_binary_structure(2, 1)
-    return ndi.binary_dilation(ndi.binary_erosion(mask, cross, radius), cross, radius)
+    out = np.asarray(mask, dtype=bool)
+    for _ in range(radius):
+        out = _cross(out, erode=True)
+    for _ in range(radius):
+        out = _cross(out, erode=False)
+    return out
+
+
+def _cross(mask: np.ndarray, erode: bool) -> np.ndarray:
+    """One binary erosion (AND) or dilation (OR) of ``mask`` (H, W) bool by the 3x3 cross,
+    outside the array counting as False (scipy's border_value=0): in-place slice operations,
+    ~5x cheaper than scipy's generic binary_erosion / binary_dilation, same result."""
+    op = np.logical_and if erode else np.logical_or
+    out = mask.copy()
+    op(out[1:], mask[:-1], out=out[1:])  # the pixel above
+    op(out[:-1], mask[1:], out=out[:-1])  # below
+    op(out[:, 1:], mask[:, :-1], out=out[:, 1:])  # left
+    op(out[:, :-1], mask[:, 1:], out=out[:, :-1])  # right
+    if erode:  # the neighbour past the edge is False
+        out[0] = out[-1] = False
+        out[:, 0] = out[:, -1] = False
+    return out
 
 
 def _seeded_watershed(

@@ -34,7 +34,8 @@ class TileNuclei:
     int32 owned nuclei on the whole window (for polygons); n: owned count; n_halo_edge: owned
     nuclei touching the window border (halo too small); seconds: post-processing time;
     dropped: objects this tile would have owned that were not nuclei, per reason
-    (`postprocess.plausible.REASONS`).
+    (`postprocess.plausible.REASONS`); areas: (n + 1,) int64 pixels of each local id, core
+    and spills together (index 0 unused, 0), or None (the stitcher counts them).
     """
 
     tile: Tile
@@ -47,6 +48,7 @@ class TileNuclei:
     seconds: float = 0.0
     dropped: dict[str, int] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    areas: np.ndarray | None = None
 
 
 def ownership(labels: np.ndarray, core_in_array: BoxLike) -> np.ndarray:
@@ -66,12 +68,15 @@ def ownership(labels: np.ndarray, core_in_array: BoxLike) -> np.ndarray:
     >>> ownership(lab, (0, 0, 4, 4)).tolist()   # centroid x: 3.0 and 5.0
     [1]
     """
-    labels = np.asarray(labels)
-    x0, y0, x1, y1 = box_coords(core_in_array)
-    present, n, sx, sy = moments(labels)
+    present, n, sx, sy = moments(np.asarray(labels))
+    return present[centroid_in(n, sx, sy, core_in_array)].astype(np.int64)
+
+
+def centroid_in(n: np.ndarray, sx: np.ndarray, sy: np.ndarray, box: BoxLike) -> np.ndarray:
+    """bool per region (`moments`' n, sx, sy): mean pixel centre in the half-open ``box``."""
+    x0, y0, x1, y1 = box_coords(box)
     tx, ty = 2 * sx + n, 2 * sy + n  # 2 * n * centroid
-    keep = (2 * x0 * n <= tx) & (tx < 2 * x1 * n) & (2 * y0 * n <= ty) & (ty < 2 * y1 * n)
-    return present[keep].astype(np.int64)
+    return (2 * x0 * n <= tx) & (tx < 2 * x1 * n) & (2 * y0 * n <= ty) & (ty < 2 * y1 * n)
 
 
 def touches_border(labels: np.ndarray) -> np.ndarray:
@@ -147,7 +152,10 @@ def own_tile(tile: Tile, labels: np.ndarray, prob: np.ndarray, plan: TilePlan) -
     """Ownership + spills for a tile whose window instance labels are ``labels`` (W, W)."""
     h = plan.halo
     core_in_window = Box(h, h, h + tile.core.width, h + tile.core.height)
-    window = owned_labels(inside_slide(labels, tile, plan), core_in_window)
+    labels = inside_slide(labels, tile, plan)
+    present, n, sx, sy = moments(labels)
+    owned = centroid_in(n, sx, sy, core_in_window)
+    window = relabel(labels, present[owned], 1)  # `owned_labels`, reusing the moments
     core = window[h : h + tile.core.height, h : h + tile.core.width]
     prob_core = prob[h : h + tile.core.height, h : h + tile.core.width]
     return TileNuclei(
@@ -158,4 +166,5 @@ def own_tile(tile: Tile, labels: np.ndarray, prob: np.ndarray, plan: TilePlan) -
         n=int(window.max()),
         n_halo_edge=int(touches_border(window).size),
         extra={"window_labels": window},
+        areas=np.r_[0, n[owned]].astype(np.int64),
     )

@@ -118,10 +118,15 @@ def _keep_only(tn: TileNuclei, drop: np.ndarray) -> None:
         table["nucleus_id"] = lut[table["nucleus_id"]].astype(np.asarray(tn.table["nucleus_id"]).dtype)
     tn.core_labels, tn.spills, tn.n, tn.table = lut[tn.core_labels], [sp for sp in spills if sp.labels.any()], \
         len(kept), table
+    if tn.areas is not None:
+        tn.areas = tn.areas[np.r_[0, kept]]
 
 
 def _areas(tn: TileNuclei) -> np.ndarray:
-    """Pixels of each local id of ``tn`` (index 0: background), core and spills together."""
+    """Pixels of each local id of ``tn`` (index 0: background, or 0 when the worker counted
+    them: ``tn.areas``), core and spills together."""
+    if tn.areas is not None:
+        return tn.areas
     area = np.bincount(tn.core_labels.ravel(), minlength=tn.n + 1)
     for sp in tn.spills:
         area += np.bincount(sp.labels.ravel(), minlength=tn.n + 1)
