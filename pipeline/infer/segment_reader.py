@@ -17,7 +17,7 @@ from nucleiflow.pipeline.infer.pools import TilePools
 from nucleiflow.pipeline.infer.predictor import Predictor
 from nucleiflow.pipeline.infer.stream import StageTimer, stream_tiles
 from nucleiflow.pipeline.postprocess.labels import upsample_labels
-from nucleiflow.pipeline.postprocess.watershed import DEFAULT_PROB_THRESHOLD
+from nucleiflow.pipeline.postprocess.watershed import mask_threshold
 from nucleiflow.pipeline.slide.reader import SlideReader
 from nucleiflow.pipeline.tiles.stitch import LabelStitcher, MemoryMerger, Merger
 from nucleiflow.pipeline.tiles.plan import Tile, TilePlan, plan_tiles
@@ -120,12 +120,12 @@ def segment_array(
     Tiles at the model's mpp (from its card) with no tissue filter, stitches in memory, then
     maps labels back to the slide's pixel grid, which is where ground truth lives: nearest,
     with outlines re-drawn on the interpolated probability where that grid is finer
-    (`postprocess.labels.upsample_labels`).
+    (`postprocess.labels.upsample_labels`), as the GeoParquet polygons are drawn
+    (`postprocess.subpixel`).
     """
     info = reader.info
     plan = plan_tiles(info.width, info.height, info.mpp_x, predictor.card.mpp, tile_size=tile_size, halo=halo)
     merger = MemoryMerger(plan.height, plan.width)
     segment_reader(reader, plan, predictor, merger, batch_size=batch_size)
-    threshold = getattr(predictor.card.postprocess, "prob_threshold", None)
-    threshold = DEFAULT_PROB_THRESHOLD if threshold is None else threshold
+    threshold = mask_threshold(predictor.card.postprocess)
     return upsample_labels(merger.labels, merger.prob, info.height, info.width, plan.scale, threshold)

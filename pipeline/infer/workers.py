@@ -22,9 +22,9 @@ from nucleiflow.pipeline.slide.stain import StainReference, normalise
 from nucleiflow.pipeline.tiles.plan import Box, Tile, TilePlan
 from nucleiflow.pipeline.config import PostprocessConfig
 from nucleiflow.pipeline.postprocess.morphometry import empty_table, moments, nuclei_table
-from nucleiflow.pipeline.postprocess.watershed import postprocess as run_postprocess
+from nucleiflow.pipeline.postprocess.watershed import mask_threshold, postprocess as run_postprocess
 from nucleiflow.pipeline.postprocess.plausible import implausible
-from nucleiflow.pipeline.tiles.ownership import TileNuclei, centroid_in, inside_slide, own_tile, touches_border
+from nucleiflow.pipeline.tiles.ownership import TileNuclei, centroid_in, inside_slide, own_tile, slide_box, touches_border
 
 
 def empty_tile_table(classes: bool = False) -> dict:
@@ -47,7 +47,8 @@ def process_tile(tile: Tile, maps: dict[str, np.ndarray], plan: TilePlan, post: 
     res.table = nuclei_table(
         window, maps["prob"], mpp0=plan.mpp / plan.scale, offset=(tile.read.x0, tile.read.y0),
         scale=plan.scale, ids=1, type_prob=maps.get("type_prob"),
-        border_labels=touches_border(window),
+        border_labels=touches_border(window), threshold=mask_threshold(post),
+        box=slide_box(tile, plan, window.shape),
     )
     res.seconds = time.perf_counter() - t0
     return res

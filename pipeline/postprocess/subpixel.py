@@ -17,7 +17,7 @@ MARGIN = 0.1
 
 
 def follow_probability(xy: np.ndarray, owner: np.ndarray, labels: np.ndarray, prob: np.ndarray,
-                       threshold: float) -> np.ndarray:
+                       threshold: float, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
     """Vertices of mask outlines moved along their pixel-centre segment to the threshold.
 
     Args:
@@ -27,12 +27,14 @@ def follow_probability(xy: np.ndarray, owner: np.ndarray, labels: np.ndarray, pr
         owner: (V,) int label of the object each vertex outlines.
         labels: (H, W) int labels the outlines were traced on; prob: (H, W) float NP
             probability in [0, 1]; threshold: the mask threshold it was cut at.
+        box: (x0, y0, x1, y1) pixels of ``labels`` whose probability counts (e.g. the part
+            of a tile's window inside the slide: past its edge there is nothing); None: all.
 
     Returns:
         (V, 2) float64: a vertex between an object pixel (value p_in, at least just above the
         threshold) and a background pixel (p_out, at most just below) sits at the fraction
         ``(p_in - threshold) / (p_in - p_out)`` of the way out, clipped to [MARGIN, 1 - MARGIN].
-        Vertices between two objects (the watershed's split) or at the array's edge stay
+        Vertices between two objects (the watershed's split) or at the edge of ``box`` stay
         half-way, so touching outlines neither overlap nor part.
     """
     xy = np.asarray(xy, np.float64)
@@ -45,7 +47,8 @@ def follow_probability(xy: np.ndarray, owner: np.ndarray, labels: np.ndarray, pr
     r1 = np.where(across, (y2 - 1) // 2, y2 // 2 - 1)
     c1 = np.where(across, x2 // 2 - 1, (x2 - 1) // 2)
     r2, c2 = r1 + (~across), c1 + across
-    inside = (r1 >= 0) & (c1 >= 0) & (r2 < h) & (c2 < w)
+    bx0, by0, bx1, by1 = (0, 0, w, h) if box is None else box
+    inside = (r1 >= by0) & (c1 >= bx0) & (r2 < by1) & (c2 < bx1)
     lab1 = np.where(inside, labels[np.clip(r1, 0, h - 1), np.clip(c1, 0, w - 1)], 0)
     lab2 = np.where(inside, labels[np.clip(r2, 0, h - 1), np.clip(c2, 0, w - 1)], 0)
     p1 = prob[np.clip(r1, 0, h - 1), np.clip(c1, 0, w - 1)].astype(np.float64)

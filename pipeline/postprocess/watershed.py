@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from math import comb
+from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -34,6 +35,12 @@ from nucleiflow.pipeline.postprocess.labels import relabel_consecutive, remove_s
 #: Every method's mask threshold on the NP probability when a card leaves it unset.
 DEFAULT_PROB_THRESHOLD = 0.5
 
+
+def mask_threshold(post: Any) -> float:
+    """The NP probability a post-processing config (`config.PostprocessConfig`) cuts its mask at."""
+    value = getattr(post, "prob_threshold", None)
+    return DEFAULT_PROB_THRESHOLD if value is None else float(value)
+
 __all__ = [
     "EDGE_PARAMS",
     "METHODS",
@@ -43,6 +50,7 @@ __all__ = [
     "hv_edge",
     "hv_watershed",
     "marker_watershed",
+    "mask_threshold",
     "postprocess",
 ]
 

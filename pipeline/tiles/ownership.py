@@ -129,6 +129,14 @@ def split_spills(window: np.ndarray, tile: Tile, plan: TilePlan) -> list[Spill]:
     return spills
 
 
+def slide_box(tile: Tile, plan: TilePlan, shape: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1): the part of a tile's window array of ``shape`` (H, W) that lies in the
+    slide, in the window's pixels (empty when x0 >= x1 or y0 >= y1)."""
+    h, w = shape
+    x0, y0 = tile.read.x0, tile.read.y0
+    return max(0, -x0), max(0, -y0), min(w, plan.width - x0), min(h, plan.height - y0)
+
+
 def inside_slide(labels: np.ndarray, tile: Tile, plan: TilePlan) -> np.ndarray:
     """``labels`` (window) with the pixels past the slide's edges set to 0 (a copy if any are).
 
@@ -136,10 +144,8 @@ def inside_slide(labels: np.ndarray, tile: Tile, plan: TilePlan) -> np.ndarray:
     readers return there. Clipped, a nucleus' table row (area, centroid, polygon) describes
     exactly the pixels the label raster, which ends at the slide's edge, can hold.
     """
-    x0, y0 = tile.read.x0, tile.read.y0
     h, w = labels.shape
-    cx0, cy0 = max(0, -x0), max(0, -y0)
-    cx1, cy1 = min(w, plan.width - x0), min(h, plan.height - y0)
+    cx0, cy0, cx1, cy1 = slide_box(tile, plan, labels.shape)
     if (cx0, cy0, cx1, cy1) == (0, 0, w, h):
         return labels
     out = np.zeros_like(labels)

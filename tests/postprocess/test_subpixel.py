@@ -64,3 +64,21 @@ def test_area_follows_the_probability_of_a_disc():
 
     assert radius_error(xy).max() > 0.3  # the mask's outline: the pixel grid's staircase
     assert radius_error(moved).max() <= MARGIN + 1e-9  # the pixel exactly at 0.5: kept MARGIN out
+
+
+def test_pixels_outside_the_box_do_not_count():
+    # A nucleus cut by the slide's right edge at x = 3: past it the window holds no slide.
+    labels = np.array([[0, 0, 0, 0, 0],
+                       [0, 1, 1, 0, 0],
+                       [0, 0, 0, 0, 0]])
+    prob = np.array([[0.1, 0.1, 0.1, 0.1, 0.1],
+                     [0.1, 0.9, 0.9, 0.45, 0.9],
+                     [0.1, 0.1, 0.1, 0.1, 0.1]])
+    xy = _rings(labels, 1)
+    owner = np.full(len(xy), 1)
+    free = {tuple(a): tuple(b) for a, b in zip(np.round(xy, 6), follow_probability(xy, owner, labels, prob, 0.5))}
+    cut = {tuple(a): tuple(b)
+           for a, b in zip(np.round(xy, 6), follow_probability(xy, owner, labels, prob, 0.5, box=(0, 0, 3, 3)))}
+    assert free[(3.0, 1.5)][0] > 3.2  # towards the glass at 0.45
+    assert np.allclose(cut[(3.0, 1.5)], (3.0, 1.5))  # at the slide's edge: stays on it
+    assert np.allclose(cut[(1.0, 1.5)], free[(1.0, 1.5)])  # inside the box: as without one
