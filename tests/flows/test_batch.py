@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import zarr
+from polygons import assert_same_table
 from slidefiles import write_manifest
 
 from nucleiflow.pipeline.outputs.atomic import write_json_atomic
@@ -285,7 +285,9 @@ def assert_same_outputs(out: Path, ref: Path, sid: str) -> None:
     a, b = (pq.read_table(slide_paths(o, sid)["parquet"]).to_pandas().sort_values("nucleus_id", ignore_index=True)
             for o in (out, ref))
     assert len(a) > 0
-    pd.testing.assert_frame_equal(a, b)
+    # The CLI's pools (auto) give torch other threads than the fixture's run: same labels,
+    # outlines equal to float noise (tests/polygons.py).
+    assert_same_table(a, b)
     la, lb = (zarr.open_group(str(slide_paths(o, sid)["zarr"]), mode="r")["labels/nuclei/0"][...] for o in (out, ref))
     np.testing.assert_array_equal(la, lb)
 
