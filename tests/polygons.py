@@ -31,8 +31,8 @@ def max_overlap(geoms: np.ndarray) -> float:
 def assert_same_table(a, b, tolerance: float = 1e-3) -> None:
     """Nuclei tables (DataFrames, rows in the same order) equal, with polygon vertices and
     solidity allowed to move by float noise: the outlines follow the probability
-    (`postprocess.subpixel`), whose last bits depend on torch's thread count (~1e-7), which
-    runs with other pool sizes do not share. Every other column must be identical."""
+    (`postprocess.subpixel`), whose last bits (~1e-7) can differ between processes (torch's
+    CPU kernels: thread count, memory layout). Every other column must be identical."""
     import pandas as pd
 
     assert list(a.columns) == list(b.columns) and len(a) == len(b)
