@@ -45,6 +45,8 @@ class LoopConfig(BaseModel):
     seed: int = Field(0, description="Picks the validation images, and the patches unless sample_seed is set.")
     sample_seed: int | None = Field(None, description="Seed of patch sampling and augmentation: a later round "
                                     "that keeps its validation images (seed) still sees new batches.")
+    ema: float | None = Field(None, gt=0, lt=1, description="Decay per step of a weight average (e.g. 0.995): "
+                              "validation and the checkpoint use the averaged weights.")
     stage_epochs: list[int] | None = Field(None, description="twostage: epochs of stage1, stage2, finetune.")
 
 
@@ -83,4 +85,6 @@ class TrainConfig(BaseModel):
         data = self.model_dump(exclude={"out", "device", "eval_tile_size", "tune_postprocess"})
         if data["train"]["sample_seed"] is None:  # unset: keys stay those of runs made before it existed
             del data["train"]["sample_seed"]
+        if data["train"]["ema"] is None:  # the same for ema
+            del data["train"]["ema"]
         return config_hash(data)

@@ -25,6 +25,7 @@ from nucleiflow.models.golo import GoLo
 from nucleiflow.models.unet import UNet
 from nucleiflow.models.widen import widen_unet
 from nucleiflow.pipeline.train.config import DataConfig, TrainConfig
+from nucleiflow.pipeline.train.ema import WeightAverage
 from nucleiflow.pipeline.train.datasets import AnnotatedDataset, read_splits, validation_split
 from nucleiflow.pipeline.train.sampler import PatchSampler, tiles
 from nucleiflow.pipeline.train.unlabelled import unlabelled_tiles
@@ -101,7 +102,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     if amp:
         model = model.to(memory_format=torch.channels_last)
-    parts = {"model": model, "opt": opt, "sched": sched, "sampler": sampler, "unlabelled": unlabelled}
+    # With `train.ema`, validation, early stopping and the checkpoint use the weight average.
+    ema = WeightAverage(model, cfg.train.ema) if cfg.train.ema else None
+    parts = {"model": model, "opt": opt, "sched": sched, "sampler": sampler, "unlabelled": unlabelled,
+             "ema": ema}
 
     state_path = work / "last.pt"
     run = _resume(state_path, cfg, device, parts, log)
@@ -111,11 +115,12 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         t0 = time.perf_counter()
         train_loss = _epoch(cfg, device, stage, parts, teacher, scaler)
         sched.step()
-        val = validation_loss(model, val_batches, cfg, device, stage)
+        scored = ema.model if ema is not None else model
+        val = validation_loss(scored, val_batches, cfg, device, stage)
         improved = val < run.best_val - 1e-4
         if improved:
             run.best_val, run.bad = val, 0
-            run.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+            run.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in scored.state_dict().items()})
         else:
             run.bad += 1
         run.history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val,
@@ -130,10 +135,13 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
             "unlabelled_rng": unlabelled.rng.bit_generator.state if unlabelled is not None else None,
             "history": run.history, "best_val": run.best_val, "best_state": run.best_state, "bad": run.bad,
             "seconds": time.perf_counter() - t_start, "stopped": run.stopped,
+            "ema": ema.state_dict() if ema is not None else None,
         })
         if run.stopped:
             log(run.stopped)
             break
+    if ema is not None and run.best_state is None:  # resumed a run stopped before any improvement
+        run.best_state = ema.model.state_dict()
     if run.best_state is not None:
         model.load_state_dict(run.best_state)
     model.eval()
@@ -235,6 +243,8 @@ def _resume(state_path: Path, cfg: TrainConfig, device: torch.device, parts: dic
     for name in ("model", "opt", "sched"):
         parts[name].load_state_dict(st[name])
     parts["sampler"].set_state(st["sampler"])
+    if parts["ema"] is not None:
+        parts["ema"].load_state_dict(st["ema"])
     torch.set_rng_state(st["torch_rng"])
     run = _Run(st["epoch"], st["history"], st["best_val"], st["best_state"], st["bad"], st.get("seconds", 0.0),
                st.get("stopped"))
@@ -276,6 +286,8 @@ def _epoch(cfg: TrainConfig, device: torch.device, stage: str | None, parts: dic
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
+        if parts["ema"] is not None:
+            parts["ema"].update(model)
         running.append(float(loss.detach()))
     return float(np.mean(running))
 
