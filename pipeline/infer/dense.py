@@ -1,6 +1,6 @@
 """The dense, mask-free part of post-processing, in torch on the model's device.
 
-`postprocess.watershed.hv_edge` (NumPy, the reference) turns the two HV maps of a tile into
+`postprocess.edge_map.hv_edge` (NumPy, the reference) turns the two HV maps of a tile into
 one edge map with four long separable correlations: the costliest dense step a worker does.
 Here the same edge is computed on the device the maps were made on (on CPU the same code),
 so the workers get "edge" (B, H, W) instead of "hv" (B, 2, H, W): a third less to pickle per
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from nucleiflow.pipeline.config import PostprocessConfig
-from nucleiflow.pipeline.postprocess.watershed import EDGE_PARAMS, edge_setup
+from nucleiflow.pipeline.postprocess.edge_map import EDGE_PARAMS, edge_setup
 
 __all__ = ["correlate1d", "dense_maps", "hv_edge"]
 
@@ -71,7 +71,7 @@ def correlate1d(x: torch.Tensor, weights: np.ndarray, dim: int) -> torch.Tensor:
 
 
 def _minmax(a: torch.Tensor) -> torch.Tensor:
-    """Per tile of (B, H, W): `watershed._minmax` (constant tile -> zeros)."""
+    """Per tile of (B, H, W): `edge_map._minmax` (constant tile -> zeros)."""
     lo = a.amin(dim=(1, 2), keepdim=True)
     hi = a.amax(dim=(1, 2), keepdim=True)
     flat = (hi.double() - lo.double()) <= 1e-12
@@ -79,8 +79,8 @@ def _minmax(a: torch.Tensor) -> torch.Tensor:
 
 
 def hv_edge(hv: torch.Tensor, **setup) -> torch.Tensor:
-    """`watershed.hv_edge` of a batch: hv (B, 2, H, W) float -> edge (B, H, W) float32 in
-    [0, 1], on hv's device. ``setup``: `watershed.edge_setup`'s keywords."""
+    """`edge_map.hv_edge` of a batch: hv (B, 2, H, W) float -> edge (B, H, W) float32 in
+    [0, 1], on hv's device. ``setup``: `edge_map.edge_setup`'s keywords."""
     if hv.ndim != 4 or hv.shape[1] != 2:
         raise ValueError(f"hv must be (B, 2, H, W), got shape {tuple(hv.shape)}")
     s = edge_setup(**setup)

@@ -1,5 +1,5 @@
 """The torch edge map (`infer.dense`, on the model's device; here the CPU) is the NumPy
-reference's (`postprocess.watershed.hv_edge`) bit for bit, so labels do not depend on where
+reference's (`postprocess.edge_map.hv_edge`) bit for bit, so labels do not depend on where
 it was computed: on random maps, on the bundled models' real maps (tests/golden) and through
 the whole tiled path of a real image."""
 from __future__ import annotations
@@ -17,7 +17,7 @@ from nucleiflow.pipeline.config import ModelCard
 from nucleiflow.pipeline.infer.dense import correlate1d, dense_maps, hv_edge
 from nucleiflow.pipeline.infer.predictor import Predictor, load_card
 from nucleiflow.pipeline.infer.segment_reader import segment_array
-from nucleiflow.pipeline.postprocess import watershed as ws
+from nucleiflow.pipeline.postprocess import edge_map, watershed as ws
 from nucleiflow.pipeline.slide.reader import ArraySlide
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "maps.npz"
@@ -26,7 +26,7 @@ GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "maps.npz"
 @pytest.mark.parametrize("ksize", [3, 11, 21])
 def test_correlate1d_is_scipys_bit_for_bit(ksize: int) -> None:
     x = np.random.default_rng(ksize).standard_normal((37, 53)).astype(np.float32)
-    for w in ws._sobel_kernels(ksize):
+    for w in edge_map._sobel_kernels(ksize):
         for axis in (0, 1):
             want = ndi.correlate1d(x, w, axis=axis, mode="mirror")
             got = correlate1d(torch.from_numpy(x[None]), w, axis + 1)[0].numpy()

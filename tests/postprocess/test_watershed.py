@@ -232,7 +232,7 @@ def test_fixed_normalisation_is_translation_equivariant(shared_data):
 
 
 def test_fill_holes_is_scipys_binary_fill_holes():
-    from nucleiflow.pipeline.postprocess.watershed import _fill_holes
+    from nucleiflow.pipeline.postprocess.binary import fill_holes as _fill_holes
 
     rings = np.zeros((7, 14), bool)
     rings[1:6, 1:6] = rings[1:6, 8:13] = True
@@ -268,7 +268,7 @@ def test_unsure_objects_are_dropped(method):
 def test_open_disk_is_scipys_opening_with_a_disk(radius):
     from skimage.morphology import disk
 
-    from nucleiflow.pipeline.postprocess.watershed import _open_disk
+    from nucleiflow.pipeline.postprocess.binary import open_disk as _open_disk
 
     rng = np.random.default_rng(radius)
     for shape in ((41, 57), (1, 9), (7, 1), (2, 3)):  # thin arrays: every pixel on an edge
