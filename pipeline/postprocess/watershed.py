@@ -25,12 +25,12 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.feature import peak_local_max
-from skimage.segmentation import watershed
 
 from nucleiflow.pipeline.postprocess.binary import fill_holes, open_disk
+from nucleiflow.pipeline.postprocess.flood import seeded_flood
 # hv_edge is looked up here at call time: benchmarks/ceiling_child.py times it by patching this name.
 from nucleiflow.pipeline.postprocess.edge_map import edge_setup, hv_edge, separable
-from nucleiflow.pipeline.postprocess.labels import relabel_consecutive, remove_small, remove_unsure
+from nucleiflow.pipeline.postprocess.labels import remove_small, remove_unsure
 
 #: Every method's mask threshold on the NP probability when a card leaves it unset.
 DEFAULT_PROB_THRESHOLD = 0.5
@@ -74,15 +74,13 @@ def _seeded_watershed(
     """Watershed of ``energy`` from ``seeds`` inside ``mask``; unseeded components kept whole.
 
     energy (H, W) float, low = nucleus centre; seeds (H, W) int, 0 = none; mask (H, W) bool;
-    components (H, W) int32, the connected components of ``mask``. Returns int32 1..N.
+    components (H, W) int32, the connected components of ``mask`` (so ``mask`` is
+    ``components > 0``). Returns int32 1..N. Same labels as scikit-image's
+    ``watershed(energy, markers=seeds * mask, mask=mask, connectivity=2)``, seedless
+    components then numbered ``component + max seed``, made consecutive; `flood.seeded_flood`
+    floods only the components where seeds compete.
     """
-    seeds = np.where(mask, seeds, 0)
-    out = watershed(energy, markers=seeds, mask=mask, connectivity=2).astype(np.int32)
-    # A component with a seed is flooded whole, so what is left are whole seedless ones.
-    seedless = mask & (out == 0)
-    if seedless.any():
-        out[seedless] = components[seedless] + out.max()
-    return relabel_consecutive(out)
+    return seeded_flood(energy, seeds, components)
 
 
 def hv_watershed(
