@@ -45,17 +45,19 @@ def remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
     Ids of the objects kept are unchanged. Returns int32 (H, W).
     """
     labels = np.asarray(labels)
+    out = labels.astype(np.int32, copy=True)
     if min_size <= 1 or labels.size == 0:
-        return labels.astype(np.int32, copy=True)
-    area = np.bincount(labels.ravel())
-    small = area < min_size
-    small[0] = False
-    if not small.any():
-        return labels.astype(np.int32, copy=True)
-    # One gather through a lookup table: cheaper than a copy, a bool gather and a masked store.
-    lut = np.arange(len(area), dtype=np.int32)
-    lut[small] = 0
-    return np.take(lut, labels)
+        return out
+    # On the object pixels alone: a tile's mask is mostly background, and a whole-array
+    # bincount and gather cost ~3x this (issue 13).
+    flat = out.ravel()
+    fg = np.flatnonzero(flat)
+    lab = flat[fg]
+    small = np.bincount(lab) < min_size
+    gone = small[lab]
+    if gone.any():
+        flat[fg[gone]] = 0
+    return out
 
 
 def remove_unsure(labels: np.ndarray, prob: np.ndarray, min_mean_prob: float) -> np.ndarray:
