@@ -100,31 +100,3 @@ def hv_edge(hv: np.ndarray, **setup) -> np.ndarray:
     dh = separable(h, s.deriv, s.smooth)  # d/dx: derivative along axis 1 (x)
     dv = separable(v, s.deriv, s.smooth, transpose=True)  # d/dy
     return np.maximum(1.0 - norm(dh), 1.0 - norm(dv))
-
-
-def basin_energy_at(edge: np.ndarray, mask: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """``-separable((1 - edge) * mask, b, b)[idx]`` with b = [0.25, 0.5, 0.25] (a 3x3
-    Gaussian), bit for bit, computed at the raveled pixels ``idx`` (n,) int only.
-
-    edge: (H, W) float32 (`hv_edge`); mask: (H, W) bool. Returns (n,) float32. scipy's
-    correlate1d sums a symmetric kernel in float64 as ``centre * 0.5 + (left + right) *
-    0.25`` and stores each pass as float32 ("mirror" border); the same steps here, on the
-    9 neighbours of each pixel. The HV watershed reads its energy only where seeds compete
-    (`flood.seeded_flood`), a few percent of a tile: the whole-tile blur cost ~10x this.
-    """
-    h, w = edge.shape
-    rows, cols = np.divmod(np.asarray(idx, np.int64), w)
-
-    def mirror(i: np.ndarray, n: int) -> np.ndarray:  # BORDER_REFLECT_101: -1 -> 1, n -> n - 2
-        return np.abs(np.where(i >= n, 2 * (n - 1) - i, i)) if n > 1 else np.zeros_like(i)
-
-    def value(r: np.ndarray, c: np.ndarray) -> np.ndarray:
-        return ((1.0 - edge[r, c]) * mask[r, c]).astype(np.float64)
-
-    c_left, c_right = mirror(cols - 1, w), mirror(cols + 1, w)
-    passes = []
-    for r in (mirror(rows - 1, h), rows, mirror(rows + 1, h)):  # first pass: along x, per row
-        centre, side = value(r, cols), value(r, c_left) + value(r, c_right)
-        passes.append((centre * 0.5 + side * 0.25).astype(np.float32).astype(np.float64))
-    up, centre, down = passes
-    return -((centre * 0.5 + (up + down) * 0.25).astype(np.float32))

@@ -17,8 +17,6 @@ history): on the MoNuSeg mosaic of `benchmarks/ceiling.py` the labels came out i
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
@@ -27,12 +25,10 @@ from skimage.segmentation import watershed
 CANVAS_WIDTH = 1024
 
 
-def seeded_flood(energy: np.ndarray | Callable[[np.ndarray], np.ndarray], seeds: np.ndarray,
-                 components: np.ndarray) -> np.ndarray:
+def seeded_flood(energy: np.ndarray, seeds: np.ndarray, components: np.ndarray) -> np.ndarray:
     """Marker watershed of ``energy`` from ``seeds`` inside ``components > 0``, 8-connected.
 
-    energy: (H, W) float, low = basin, or a function giving its values (n,) at raveled
-    pixel indices (n,) int64 (only the pixels of components with competing seeds); seeds: (H, W) int >= 0 (0 = none; values outside the
+    energy: (H, W) float, low = basin; seeds: (H, W) int >= 0 (0 = none; values outside the
     components are ignored); components: (H, W) int, the 8-connected components of the mask,
     labelled 1..C. Returns (H, W) int32 labels 1..N, consecutive and in the order of
     ``relabel_consecutive(out)`` where ``out`` is scikit-image's
@@ -70,7 +66,7 @@ def seeded_flood(energy: np.ndarray | Callable[[np.ndarray], np.ndarray], seeds:
     return out.reshape(h, w)
 
 
-def _flood_packed(energy: np.ndarray | Callable[[np.ndarray], np.ndarray], seed: np.ndarray, fg: np.ndarray, comp: np.ndarray,
+def _flood_packed(energy: np.ndarray, seed: np.ndarray, fg: np.ndarray, comp: np.ndarray,
                   contested: np.ndarray, width: int) -> np.ndarray:
     """Watershed labels of the foreground pixels ``fg[contested]`` (raveled indices into an
     (H, ``width``) tile, ascending; ``comp``, ``seed``: their component and seed, int64):
@@ -98,7 +94,7 @@ def _flood_packed(energy: np.ndarray | Callable[[np.ndarray], np.ndarray], seed:
     ch, cw = y + shelf, canvas_w
     pos = (rows - r0[cs] + oy[cs]) * cw + (cols - c0[cs] + ox[cs])
     image = np.zeros(ch * cw, np.float64)
-    image[pos] = energy(idx) if callable(energy) else energy.ravel()[idx]  # only mask pixels are read
+    image[pos] = energy.ravel()[idx]  # only pixels inside the mask are ever read
     markers = np.zeros(ch * cw, np.int32)
     markers[pos] = seed[contested]
     mask = np.zeros(ch * cw, bool)

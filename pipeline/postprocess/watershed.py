@@ -29,7 +29,7 @@ from skimage.feature import peak_local_max
 from nucleiflow.pipeline.postprocess.binary import fill_holes, open_disk
 from nucleiflow.pipeline.postprocess.flood import seeded_flood
 # hv_edge is looked up here at call time: benchmarks/ceiling_child.py times it by patching this name.
-from nucleiflow.pipeline.postprocess.edge_map import basin_energy_at, edge_setup, hv_edge
+from nucleiflow.pipeline.postprocess.edge_map import edge_setup, hv_edge, separable
 from nucleiflow.pipeline.postprocess.labels import remove_small, remove_unsure
 
 #: Every method's mask threshold on the NP probability when a card leaves it unset.
@@ -69,13 +69,11 @@ def _foreground(prob: np.ndarray, threshold: float, min_size: int) -> tuple[np.n
 
 
 def _seeded_watershed(
-    energy: np.ndarray | Callable[[np.ndarray], np.ndarray], seeds: np.ndarray, mask: np.ndarray,
-    components: np.ndarray,
+    energy: np.ndarray, seeds: np.ndarray, mask: np.ndarray, components: np.ndarray
 ) -> np.ndarray:
     """Watershed of ``energy`` from ``seeds`` inside ``mask``; unseeded components kept whole.
 
-    energy (H, W) float, low = nucleus centre (or its values at raveled indices, a function:
-    `flood.seeded_flood`); seeds (H, W) int, 0 = none; mask (H, W) bool;
+    energy (H, W) float, low = nucleus centre; seeds (H, W) int, 0 = none; mask (H, W) bool;
     components (H, W) int32, the connected components of ``mask`` (so ``mask`` is
     ``components > 0``). Returns int32 1..N. Same labels as scikit-image's
     ``watershed(energy, markers=seeds * mask, mask=mask, connectivity=2)``, seedless
@@ -145,10 +143,9 @@ def hv_watershed(
     # is used as given, not zeroed outside the mask (nor copied).
 
     # Nuclei are mountains of (1 - edge); negate so that they become basins.
-    # energy = -separable((1 - edge) * mask, b, b), b = [0.25, 0.5, 0.25] (cv2.GaussianBlur
-    # (3, 3)), is read only where seeds compete: computed there alone (`basin_energy_at`).
-    def energy(idx: np.ndarray) -> np.ndarray:
-        return basin_energy_at(edge, mask, idx)
+    blur = np.array([0.25, 0.5, 0.25], np.float32)  # cv2.GaussianBlur((3, 3), 0)
+    energy = (1.0 - edge) * mask
+    energy = -separable(energy, blur, blur)
 
     markers = fill_holes(mask & (edge < marker_threshold))
     if opening_radius > 0:

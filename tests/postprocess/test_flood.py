@@ -60,38 +60,3 @@ def test_same_labels_as_the_whole_tile_flood(seed, monkeypatch):
     got = seeded_flood(energy, seeds, comps)
     np.testing.assert_array_equal(got, reference(energy, seeds, comps))
     assert got.max() > comps.max()  # some components were split
-
-
-@pytest.mark.parametrize("shape", [(7, 9), (2, 5), (1, 6), (40, 33)])
-def test_basin_energy_at_is_the_whole_tile_blur_bit_for_bit(shape):
-    from nucleiflow.pipeline.postprocess.edge_map import basin_energy_at, separable
-
-    rng = np.random.default_rng(sum(shape))
-    edge = rng.random(shape, dtype=np.float32)
-    edge[rng.random(shape) > 0.7] = 0.0  # ties and exact values as well
-    mask = rng.random(shape) > 0.3
-    blur = np.array([0.25, 0.5, 0.25], np.float32)
-    whole = -separable((1.0 - edge) * mask, blur, blur)
-    idx = np.arange(edge.size)  # every pixel: the borders (mirrored) included
-    got = basin_energy_at(edge, mask, idx)
-    assert got.dtype == np.float32
-    np.testing.assert_array_equal(got.view(np.int32), whole.ravel().view(np.int32))
-    np.testing.assert_array_equal(basin_energy_at(edge, mask, idx[::-3]), whole.ravel()[::-3])
-
-
-def test_energy_as_a_function_reads_only_contested_pixels():
-    comps = np.zeros((5, 12), np.int32)
-    comps[1:4, 0:5], comps[1:4, 6:8] = 1, 2
-    seeds = np.zeros_like(comps)
-    seeds[2, 0], seeds[2, 4], seeds[2, 7] = 1, 2, 3
-    energy = np.zeros(comps.shape)
-    energy[:, 2] = 1.0
-    asked = []
-
-    def at(idx):
-        asked.append(idx)
-        return energy.ravel()[idx]
-
-    np.testing.assert_array_equal(seeded_flood(at, seeds, comps), seeded_flood(energy, seeds, comps))
-    (idx,) = asked
-    np.testing.assert_array_equal(np.sort(idx), np.flatnonzero(comps.ravel() == 1))  # not component 2
