@@ -47,8 +47,13 @@ def seeded_flood(energy: np.ndarray, seeds: np.ndarray, components: np.ndarray) 
     ncomp, top = int(comp.max()), int(seed.max())
     # Distinct seeds per component: a component with one is that seed's, with none its own.
     has = seed > 0
-    pairs = np.unique(comp[has] * (top + 1) + seed[has])
-    pair_comp, pair_seed = np.divmod(pairs, top + 1)
+    comp_of = np.zeros(top + 1, np.int64)
+    comp_of[seed[has]] = comp[has]
+    if np.array_equal(comp_of[seed[has]], comp[has]):  # each seed in one component (the rule)
+        pair_seed = np.flatnonzero(comp_of)
+        pair_comp = comp_of[pair_seed]
+    else:  # a seed the mask cut in two: (component, seed) pairs, sorted
+        pair_comp, pair_seed = np.divmod(np.unique(comp[has] * (top + 1) + seed[has]), top + 1)
     nseeds = np.bincount(pair_comp, minlength=ncomp + 1)
     lut = np.arange(ncomp + 1, dtype=np.int64) + top
     lut[0] = 0

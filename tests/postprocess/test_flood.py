@@ -60,3 +60,19 @@ def test_same_labels_as_the_whole_tile_flood(seed, monkeypatch):
     got = seeded_flood(energy, seeds, comps)
     np.testing.assert_array_equal(got, reference(energy, seeds, comps))
     assert got.max() > comps.max()  # some components were split
+
+
+def test_a_seed_cut_in_two_by_the_mask():
+    # Seed 3 lies in components 1 and 2 (its pixels between them are outside the mask):
+    # component 1 holds it alone (all 3's), component 2 holds it and seed 4 (flooded).
+    comps = np.zeros((3, 9), np.int32)
+    comps[:, 0:3], comps[:, 4:9] = 1, 2
+    seeds = np.zeros_like(comps)
+    seeds[1, 2:5] = 3  # (1, 3) is background
+    seeds[1, 8] = 4
+    # A ridge at column 6 on a gentle slope: no two pixels tie (ties among seeds are
+    # ordered by the heap's history, which packing changes: see the module doc).
+    energy = np.tile(np.array([0, 0, 0, 0, 0, 0, 1, 0, 0], float), (3, 1)) + np.arange(27).reshape(3, 9) * 1e-3
+    got = seeded_flood(energy, seeds, comps)
+    np.testing.assert_array_equal(got, reference(energy, seeds, comps))
+    assert (got[:, 0:3] == got[1, 4]).all() and (got[:, 7:9] != got[1, 4]).all()
