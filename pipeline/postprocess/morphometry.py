@@ -238,7 +238,8 @@ def nuclei_table(
     mpp = mpp0 * scale
     ox, oy = offset
     geoms, perim, solidity = _outlines(labels, kept, offset, scale, simplify,
-                                       prob=prob if threshold is not None else None, threshold=threshold, box=box)
+                                       prob=prob if threshold is not None else None, threshold=threshold, box=box,
+                                       fg=fg)
 
     table: Table = {
         "nucleus_id": nucleus_ids(kept, ids),
@@ -269,19 +270,32 @@ def nuclei_table(
 def _outlines(labels: np.ndarray, kept: np.ndarray, offset: tuple[float, float], scale: float,
               simplify: float, prob: np.ndarray | None = None,
               threshold: float | None = None,
-              box: tuple[int, int, int, int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+              box: tuple[int, int, int, int] | None = None,
+              fg: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per kept label: level-0 polygon (simplified), perimeter in model px (skimage's
     regionprops perimeter, 4-neighbourhood) and solidity (of the unsimplified outline).
-    With ``prob`` and ``threshold``, vertices at the probability's crossing."""
+    With ``prob`` and ``threshold``, vertices at the probability's crossing. ``fg``:
+    ``np.flatnonzero(labels)`` when the caller has it."""
     xy, ring_start, owner = rings(labels, kept)
     if prob is not None and threshold is not None:
         xy = follow_probability(xy, kept[np.repeat(owner, np.diff(ring_start))], labels, prob, threshold, box)
     polys = _polygons(xy + np.asarray(offset, dtype=np.float64), ring_start, owner, len(kept))
-    perim = perimeters(labels, kept)
+    perim = perimeters(labels, kept, fg)
     raw = _clean(polys)
     hull = shapely.area(shapely.convex_hull(raw))
     solidity = np.divide(shapely.area(raw), hull, out=np.ones(len(kept)), where=hull > 0)
-    return shapely.transform(_clean(raw, simplify, valid=True), lambda xy: xy * scale), perim, solidity
+    return _scaled(_clean(raw, simplify, valid=True), scale), perim, solidity
+
+
+def _scaled(polys: np.ndarray, scale: float) -> np.ndarray:
+    """``shapely.transform(polys, lambda xy: xy * scale)`` for (n,) Polygons, the same
+    coordinates, through ragged arrays: ~3x cheaper than setting the coordinates of copies."""
+    if len(polys) == 0:
+        return polys
+    kind, coords, offsets = shapely.to_ragged_array(polys)
+    out = np.empty(len(polys), dtype=object)
+    out[:] = shapely.from_ragged_array(kind, coords * scale, offsets)
+    return out
 
 
 _PERIMETER_WEIGHTS = np.zeros(50)
@@ -291,17 +305,18 @@ _PERIMETER_WEIGHTS[[13, 23]] = (1 + np.sqrt(2)) / 2
 _NEIGHBOURS = [(-1, 0, 2), (1, 0, 2), (0, -1, 2), (0, 1, 2), (-1, -1, 10), (-1, 1, 10), (1, -1, 10), (1, 1, 10)]
 
 
-def perimeters(labels: np.ndarray, kept: np.ndarray) -> np.ndarray:
+def perimeters(labels: np.ndarray, kept: np.ndarray, fg: np.ndarray | None = None) -> np.ndarray:
     """skimage's ``measure.perimeter(labels == k)`` (4-neighbourhood) of every ``k`` in
     ``kept`` (sorted labels), float64, in one pass over ``labels`` (H, W) instead of one per
     nucleus. The same arithmetic: a border pixel (of k, with a 4-neighbour that is not k) is
     classed by its border neighbours of the same k (code 1 + 2 per edge + 10 per corner
     neighbour), and each nucleus' histogram of codes is dotted with skimage's weights.
+    ``fg``: ``np.flatnonzero(labels)`` when the caller has it.
     """
     w = labels.shape[1]
     lab = np.pad(labels, 1).ravel()  # outside the array counts as "not k", as binary_erosion's border_value=0
     # On the object pixels alone (a tile is mostly background): raveled indices into ``lab``.
-    fg = np.flatnonzero(lab)
+    fg = np.flatnonzero(lab) if fg is None else fg + 2 * (fg // w) + w + 3
     own = lab[fg]
     is_kept = np.zeros(int(own.max(initial=0)) + 1, bool)
     is_kept[kept[kept < len(is_kept)]] = True
