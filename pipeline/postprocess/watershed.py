@@ -144,8 +144,10 @@ def hv_watershed(
 
     # Nuclei are mountains of (1 - edge); negate so that they become basins.
     blur = np.array([0.25, 0.5, 0.25], np.float32)  # cv2.GaussianBlur((3, 3), 0)
-    energy = (1.0 - edge) * mask
-    energy = -separable(energy, blur, blur)
+    energy = 1.0 - edge
+    energy *= mask  # (1 - edge) * mask, in place
+    energy = separable(energy, blur, blur)
+    np.negative(energy, out=energy)
 
     markers = fill_holes(mask & (edge < marker_threshold))
     if opening_radius > 0:
