@@ -25,20 +25,22 @@ from skimage.segmentation import watershed
 CANVAS_WIDTH = 1024
 
 
-def seeded_flood(energy: np.ndarray, seeds: np.ndarray, components: np.ndarray) -> np.ndarray:
+def seeded_flood(energy: np.ndarray, seeds: np.ndarray, components: np.ndarray,
+                 fg: np.ndarray | None = None) -> np.ndarray:
     """Marker watershed of ``energy`` from ``seeds`` inside ``components > 0``, 8-connected.
 
     energy: (H, W) float, low = basin; seeds: (H, W) int >= 0 (0 = none; values outside the
     components are ignored); components: (H, W) int, the 8-connected components of the mask,
-    labelled 1..C. Returns (H, W) int32 labels 1..N, consecutive and in the order of
-    ``relabel_consecutive(out)`` where ``out`` is scikit-image's
+    labelled 1..C; fg: ``np.flatnonzero(components)`` if the caller has it. Returns (H, W)
+    int32 labels 1..N, consecutive and in the order of ``relabel_consecutive(out)`` where
+    ``out`` is scikit-image's
     ``watershed(energy, seeds * mask, mask=mask, connectivity=2)`` with every seedless
     component then labelled ``component + max seed``: the same labels, computed only where
     two seeds share a component.
     """
     h, w = components.shape
     flat = components.ravel()
-    fg = np.flatnonzero(flat)  # ascending: raster order
+    fg = np.flatnonzero(flat) if fg is None else fg  # ascending: raster order
     out = np.zeros(h * w, np.int32)
     if fg.size == 0:
         return out.reshape(h, w)
