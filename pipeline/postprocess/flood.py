@@ -13,12 +13,12 @@ Each component's pixels keep their raster order in the canvas, and their energy,
 8-neighbourhoods are the same, so a component floods as it does in the whole tile. The one
 thing the packing could change is the heap's order among seed pixels of *equal* energy
 (scikit-image pushes all seeds with age 0, and a binary heap orders equal keys by its own
-history): on the MoNuSeg mosaic of `benchmarks/ceiling.py` the labels came out identical.
+history): on the 6x6 and 8x8 MoNuSeg mosaics of `benchmarks/ceiling.py` and on
+CMU-1-Small-Region (12,788, 19,239 and 3,130 nuclei) the labels came out identical.
 """
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
 #: Canvas width in px: boxes are packed in rows ("shelves") up to this width.
