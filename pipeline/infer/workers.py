@@ -40,8 +40,11 @@ def process_tile(tile: Tile, maps: dict[str, np.ndarray], plan: TilePlan, post: 
     lets ink-coloured objects go too."""
     t0 = time.perf_counter()
     labels = inside_slide(run_postprocess(maps, post.method, **post.params()), tile, plan)
-    labels, dropped = drop_implausible(labels, tile, plan, maps.get("rgb"))
-    res = own_tile(tile, labels, maps["prob"], plan)
+    sums = moments(labels)  # once, for the rules and the ownership test (issue 13)
+    labels, dropped = drop_implausible(labels, tile, plan, maps.get("rgb"), sums=sums)
+    if any(dropped.values()):
+        sums = None  # own_tile counts again
+    res = own_tile(tile, labels, maps["prob"], plan, sums=sums)
     res.dropped = dropped
     window = res.extra.pop("window_labels")
     res.table = nuclei_table(
@@ -55,15 +58,18 @@ def process_tile(tile: Tile, maps: dict[str, np.ndarray], plan: TilePlan, post: 
 
 
 def drop_implausible(
-    labels: np.ndarray, tile: Tile, plan: TilePlan, rgb: np.ndarray | None
+    labels: np.ndarray, tile: Tile, plan: TilePlan, rgb: np.ndarray | None,
+    sums: tuple[np.ndarray, ...] | None = None,
 ) -> tuple[np.ndarray, dict[str, int]]:
     """``labels`` (W, W) of a tile's window without the objects this tile would own that
     `postprocess.plausible.implausible` rejects (off ``plan.region``, too large, ink or
     black), and how many went per reason: the one place objects are dropped. Judging only
     owned objects counts each once in the slide, and an object a neighbour owns is its
-    neighbour's to judge (in its own window, where it is whole)."""
+    neighbour's to judge (in its own window, where it is whole). ``sums``: `moments(labels)`
+    when the caller has them."""
     core = Box(plan.halo, plan.halo, plan.halo + tile.core.width, plan.halo + tile.core.height)
-    sums = moments(labels)  # once, for the ownership test and the rules
+    if sums is None:
+        sums = moments(labels)  # once, for the ownership test and the rules
     owned = sums[0][centroid_in(*sums[1:], core)]
     drop = implausible(labels, plan.mpp, rgb=rgb, region=plan.region, offset=(tile.read.x0, tile.read.y0),
                        candidates=owned, sums=sums)

@@ -37,10 +37,14 @@ import zarr
 from nucleiflow.pipeline.outputs.atomic import discard, publish, temp_path
 
 _KEYS = {"name": "v2", "separator": "/"}
-# Blosc zstd (shuffle, level) per dtype. Encoding is most of the main process's write time:
-# on a dense 1024^2 chunk of MoNuSeg, level 5 took 33 ms (int32 labels, 163 kB) and 21 ms
-# (uint8 prob, 714 kB); level 2 takes 6 ms (labels, 200 kB) and level 1 4 ms (prob, 716 kB).
-_CODEC = {"int32": (numcodecs.Blosc.SHUFFLE, 2), "uint8": (numcodecs.Blosc.BITSHUFFLE, 1)}
+# Blosc (codec, shuffle, level) per dtype. Encoding is most of the main process's write time:
+# on a dense 1024^2 chunk of MoNuSeg, zstd level 5 took 33 ms (int32 labels, 163 kB) and 21
+# ms (uint8 prob, 714 kB); zstd 2 takes 6 ms (labels, 200 kB). The probability is noisy
+# bytes that no codec shrinks much: lz4 without shuffle encodes the 9 level-0 chunks of the
+# ceiling mosaic in 10 ms and decodes them (pyramid) in 3.5 ms where zstd 1 + bitshuffle took
+# 28 and 16 ms, for 15% more bytes (4.1 MB instead of 3.6). For the labels lz4 would save as
+# much but store 2.5x the bytes (2.1 MB instead of 0.84): they stay zstd.
+_CODEC = {"int32": ("zstd", numcodecs.Blosc.SHUFFLE, 2), "uint8": ("lz4", numcodecs.Blosc.NOSHUFFLE, 5)}
 # Label chunks held back before they are stored (see OmeZarrWriter.write_labels): the
 # stitcher paints spills into the chunks of the tile row above and the tile before, so one
 # tile row plus two chunks saves every read-back and re-encode; capped in bytes.
@@ -179,14 +183,14 @@ class OmeZarrWriter:
         self._hold = max(1, min(cols + 2, HELD_BYTES // (4 * self.chunk**2)))
 
     def _array(self, group: zarr.Group, name: str, shape: tuple[int, ...], dtype: str) -> zarr.Array:
-        shuffle, clevel = _CODEC[dtype]
+        cname, shuffle, clevel = _CODEC[dtype]
         return group.create_array(
             name,
             shape=tuple(shape),
             chunks=tuple(min(self.chunk, s) for s in shape),
             dtype=dtype,
             fill_value=0,
-            compressors=numcodecs.Blosc(cname="zstd", clevel=clevel, shuffle=shuffle),
+            compressors=numcodecs.Blosc(cname=cname, clevel=clevel, shuffle=shuffle),
             chunk_key_encoding=_KEYS,
         )
 

@@ -95,8 +95,12 @@ def hv_edge(hv: np.ndarray, **setup) -> np.ndarray:
         h, v = np.clip(hv[0], -1, 1), np.clip(hv[1], -1, 1)
         lo, hi = s.bounds
 
-        def norm(a: np.ndarray) -> np.ndarray:
-            return np.clip((a - lo) / (hi - lo), 0.0, 1.0)
+        def norm(a: np.ndarray) -> np.ndarray:  # clip((a - lo) / (hi - lo), 0, 1), in place
+            np.subtract(a, lo, out=a)
+            np.divide(a, hi - lo, out=a)
+            return np.clip(a, 0.0, 1.0, out=a)
     dh = separable(h, s.deriv, s.smooth)  # d/dx: derivative along axis 1 (x)
     dv = separable(v, s.deriv, s.smooth, transpose=True)  # d/dy
-    return np.maximum(1.0 - norm(dh), 1.0 - norm(dv))
+    # max(1 - norm(dh), 1 - norm(dv)) = 1 - min(norm(dh), norm(dv)), in place (same bits).
+    out = np.minimum(norm(dh), norm(dv), out=dh)
+    return np.subtract(1.0, out, out=out)

@@ -44,18 +44,25 @@ def remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
 
     Ids of the objects kept are unchanged. Returns int32 (H, W).
     """
-    labels = np.asarray(labels)
-    if min_size <= 1 or labels.size == 0:
-        return labels.astype(np.int32, copy=True)
-    area = np.bincount(labels.ravel())
-    small = area < min_size
-    small[0] = False
-    if not small.any():
-        return labels.astype(np.int32, copy=True)
-    # One gather through a lookup table: cheaper than a copy, a bool gather and a masked store.
-    lut = np.arange(len(area), dtype=np.int32)
-    lut[small] = 0
-    return np.take(lut, labels)
+    return remove_small_fg(labels, min_size)[0]
+
+
+def remove_small_fg(labels: np.ndarray, min_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """`remove_small`, and the raveled indices (ascending int64) of the object pixels left,
+    which it finds anyway: a caller that needs them saves a whole-array pass."""
+    out = np.asarray(labels).astype(np.int32, copy=True)
+    # On the object pixels alone: a tile's mask is mostly background, and a whole-array
+    # bincount and gather cost ~3x this (issue 13).
+    flat = out.ravel()
+    fg = np.flatnonzero(flat)
+    if min_size <= 1 or fg.size == 0:
+        return out, fg
+    lab = flat[fg]
+    gone = (np.bincount(lab) < min_size)[lab]
+    if gone.any():
+        flat[fg[gone]] = 0
+        fg = fg[~gone]
+    return out, fg
 
 
 def remove_unsure(labels: np.ndarray, prob: np.ndarray, min_mean_prob: float) -> np.ndarray:

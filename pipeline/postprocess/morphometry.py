@@ -124,9 +124,14 @@ def _polygons(xy: np.ndarray, ring_start: np.ndarray, owner: np.ndarray, n: int)
         area = 0.5 * np.bincount(ring_of[within], weights=cross[within], minlength=len(lengths))
         for i in several:
             shells[i] = first[i] + int(np.argmax(area[first[i] : first[i] + count[i]]))
-    n_v = lengths[shells]
-    idx = np.repeat(ring_start[shells] - np.r_[0, np.cumsum(n_v)[:-1]], n_v) + np.arange(int(n_v.sum()))
-    out[:] = shapely.polygons(shapely.linearrings(xy[idx], indices=np.repeat(np.arange(n), n_v)))
+    if several.size:
+        n_v = lengths[shells]
+        idx = np.repeat(ring_start[shells] - np.r_[0, np.cumsum(n_v)[:-1]], n_v) + np.arange(int(n_v.sum()))
+        coords, offsets = xy[idx], np.r_[0, np.cumsum(n_v)]
+    else:  # one ring per object (the usual case): the rings as they are
+        coords, offsets = xy, ring_start
+    # From flat coordinates and offsets in one call: ~3x cheaper than linearrings + polygons.
+    out[:] = shapely.from_ragged_array(shapely.GeometryType.POLYGON, coords, (offsets, np.arange(n + 1)))
     for i in several:
         holes = [xy[ring_start[r] : ring_start[r + 1]] for r in range(first[i], first[i] + count[i])
                  if r != shells[i] and area[r] < 0]
@@ -233,7 +238,8 @@ def nuclei_table(
     mpp = mpp0 * scale
     ox, oy = offset
     geoms, perim, solidity = _outlines(labels, kept, offset, scale, simplify,
-                                       prob=prob if threshold is not None else None, threshold=threshold, box=box)
+                                       prob=prob if threshold is not None else None, threshold=threshold, box=box,
+                                       fg=fg)
 
     table: Table = {
         "nucleus_id": nucleus_ids(kept, ids),
@@ -264,19 +270,32 @@ def nuclei_table(
 def _outlines(labels: np.ndarray, kept: np.ndarray, offset: tuple[float, float], scale: float,
               simplify: float, prob: np.ndarray | None = None,
               threshold: float | None = None,
-              box: tuple[int, int, int, int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+              box: tuple[int, int, int, int] | None = None,
+              fg: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per kept label: level-0 polygon (simplified), perimeter in model px (skimage's
     regionprops perimeter, 4-neighbourhood) and solidity (of the unsimplified outline).
-    With ``prob`` and ``threshold``, vertices at the probability's crossing."""
+    With ``prob`` and ``threshold``, vertices at the probability's crossing. ``fg``:
+    ``np.flatnonzero(labels)`` when the caller has it."""
     xy, ring_start, owner = rings(labels, kept)
     if prob is not None and threshold is not None:
         xy = follow_probability(xy, kept[np.repeat(owner, np.diff(ring_start))], labels, prob, threshold, box)
     polys = _polygons(xy + np.asarray(offset, dtype=np.float64), ring_start, owner, len(kept))
-    perim = perimeters(labels, kept)
+    perim = perimeters(labels, kept, fg)
     raw = _clean(polys)
     hull = shapely.area(shapely.convex_hull(raw))
     solidity = np.divide(shapely.area(raw), hull, out=np.ones(len(kept)), where=hull > 0)
-    return shapely.transform(_clean(raw, simplify, valid=True), lambda xy: xy * scale), perim, solidity
+    return _scaled(_clean(raw, simplify, valid=True), scale), perim, solidity
+
+
+def _scaled(polys: np.ndarray, scale: float) -> np.ndarray:
+    """``shapely.transform(polys, lambda xy: xy * scale)`` for (n,) Polygons, the same
+    coordinates, through ragged arrays: ~3x cheaper than setting the coordinates of copies."""
+    if len(polys) == 0:
+        return polys
+    kind, coords, offsets = shapely.to_ragged_array(polys)
+    out = np.empty(len(polys), dtype=object)
+    out[:] = shapely.from_ragged_array(kind, coords * scale, offsets)
+    return out
 
 
 _PERIMETER_WEIGHTS = np.zeros(50)
@@ -286,32 +305,33 @@ _PERIMETER_WEIGHTS[[13, 23]] = (1 + np.sqrt(2)) / 2
 _NEIGHBOURS = [(-1, 0, 2), (1, 0, 2), (0, -1, 2), (0, 1, 2), (-1, -1, 10), (-1, 1, 10), (1, -1, 10), (1, 1, 10)]
 
 
-def perimeters(labels: np.ndarray, kept: np.ndarray) -> np.ndarray:
+def perimeters(labels: np.ndarray, kept: np.ndarray, fg: np.ndarray | None = None) -> np.ndarray:
     """skimage's ``measure.perimeter(labels == k)`` (4-neighbourhood) of every ``k`` in
     ``kept`` (sorted labels), float64, in one pass over ``labels`` (H, W) instead of one per
     nucleus. The same arithmetic: a border pixel (of k, with a 4-neighbour that is not k) is
     classed by its border neighbours of the same k (code 1 + 2 per edge + 10 per corner
     neighbour), and each nucleus' histogram of codes is dotted with skimage's weights.
+    ``fg``: ``np.flatnonzero(labels)`` when the caller has it.
     """
-    lab = np.pad(labels, 1)  # outside the array counts as "not k", as binary_erosion's border_value=0
-    h, w = labels.shape
-    centre = lab[1:-1, 1:-1]
-    interior = np.ones(labels.shape, bool)
-    for dr, dc, _ in _NEIGHBOURS[:4]:
-        interior &= lab[1 + dr : 1 + dr + h, 1 + dc : 1 + dc + w] == centre
-    # Border pixels of every label; a neighbour with the same label shares its kept-ness, so
-    # the labels not kept can be dropped afterwards (a gather on the few border pixels, not
-    # an isin over the whole array).
-    border = np.pad((centre > 0) & ~interior, 1)
-    r, c = np.nonzero(border)
-    own = lab[r, c]
+    w = labels.shape[1]
+    lab = np.pad(labels, 1).ravel()  # outside the array counts as "not k", as binary_erosion's border_value=0
+    # On the object pixels alone (a tile is mostly background): raveled indices into ``lab``.
+    fg = np.flatnonzero(lab) if fg is None else fg + 2 * (fg // w) + w + 3
+    own = lab[fg]
     is_kept = np.zeros(int(own.max(initial=0)) + 1, bool)
     is_kept[kept[kept < len(is_kept)]] = True
-    chosen = is_kept[own]
-    r, c, own = r[chosen], c[chosen], own[chosen]
-    code = np.ones(len(r), np.int64)
+    fg, own = fg[is_kept[own]], own[is_kept[own]]  # a neighbour with the same label shares its kept-ness
+    # Border pixels: a 4-neighbour with another label.
+    interior = np.ones(len(fg), bool)
+    for dr, dc, _ in _NEIGHBOURS[:4]:
+        interior &= lab[fg + dr * (w + 2) + dc] == own
+    border = np.zeros(len(lab), bool)
+    p, own = fg[~interior], own[~interior]
+    border[p] = True
+    code = np.ones(len(p), np.int64)
     for dr, dc, weight in _NEIGHBOURS:
-        code += weight * (border[r + dr, c + dc] & (lab[r + dr, c + dc] == own))
+        q = p + dr * (w + 2) + dc
+        code += weight * (border[q] & (lab[q] == own))
     rank = np.searchsorted(kept, own)
     hist = np.bincount(rank * 50 + code, minlength=50 * len(kept)).reshape(len(kept), 50)
     # Row by row, as skimage dots one histogram: the same float sums, to the last bit.

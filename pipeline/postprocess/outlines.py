@@ -57,10 +57,14 @@ def rings(labels: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     """
     kept = np.asarray(kept, dtype=np.int64)
     h, w = labels.shape
-    lut = np.zeros(int(max(labels.max(initial=0), kept.max(initial=0))) + 1, np.int32)
-    lut[kept] = np.arange(1, len(kept) + 1, dtype=np.int32)
+    top = int(labels.max(initial=0))
     pad = np.zeros((h + 2, w + 2), np.int32)
-    pad[1:-1, 1:-1] = lut[labels]  # ranks 1..K; labels not kept -> background
+    if top <= len(kept) and (len(kept) == 0 or kept[-1] == len(kept)):
+        pad[1:-1, 1:-1] = labels  # kept is 1..K and holds every label: ranks are the labels
+    else:
+        lut = np.zeros(max(top, int(kept.max(initial=0))) + 1, np.int32)
+        lut[kept] = np.arange(1, len(kept) + 1, dtype=np.int32)
+        pad[1:-1, 1:-1] = lut[labels]  # ranks 1..K; labels not kept -> background
 
     # Squares whose four corners are not all one value: the only ones with segments.
     ul, ur, ll, lr = pad[:-1, :-1], pad[:-1, 1:], pad[1:, :-1], pad[1:, 1:]

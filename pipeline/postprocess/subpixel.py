@@ -49,10 +49,14 @@ def follow_probability(xy: np.ndarray, owner: np.ndarray, labels: np.ndarray, pr
     r2, c2 = r1 + (~across), c1 + across
     bx0, by0, bx1, by1 = (0, 0, w, h) if box is None else box
     inside = (r1 >= by0) & (c1 >= bx0) & (r2 < by1) & (c2 < bx1)
-    lab1 = np.where(inside, labels[np.clip(r1, 0, h - 1), np.clip(c1, 0, w - 1)], 0)
-    lab2 = np.where(inside, labels[np.clip(r2, 0, h - 1), np.clip(c2, 0, w - 1)], 0)
-    p1 = prob[np.clip(r1, 0, h - 1), np.clip(c1, 0, w - 1)].astype(np.float64)
-    p2 = prob[np.clip(r2, 0, h - 1), np.clip(c2, 0, w - 1)].astype(np.float64)
+    # Raveled indices of the two pixels (clipped: outside ``box`` their values are not used).
+    i1 = np.clip(r1, 0, h - 1) * w + np.clip(c1, 0, w - 1)
+    i2 = np.clip(r2, 0, h - 1) * w + np.clip(c2, 0, w - 1)
+    flat_labels, flat_prob = labels.ravel(), prob.ravel()
+    lab1 = np.where(inside, flat_labels[i1], 0)
+    lab2 = np.where(inside, flat_labels[i2], 0)
+    p1 = flat_prob[i1].astype(np.float64)
+    p2 = flat_prob[i2].astype(np.float64)
     first_in = lab1 == owner  # else the object's pixel is the second one
     other = np.where(first_in, lab2, lab1)
     eps = 1e-3

@@ -25,12 +25,12 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.feature import peak_local_max
-from skimage.segmentation import watershed
 
 from nucleiflow.pipeline.postprocess.binary import fill_holes, open_disk
+from nucleiflow.pipeline.postprocess.flood import seeded_flood
 # hv_edge is looked up here at call time: benchmarks/ceiling_child.py times it by patching this name.
 from nucleiflow.pipeline.postprocess.edge_map import edge_setup, hv_edge, separable
-from nucleiflow.pipeline.postprocess.labels import relabel_consecutive, remove_small, remove_unsure
+from nucleiflow.pipeline.postprocess.labels import remove_small, remove_small_fg, remove_unsure
 
 #: Every method's mask threshold on the NP probability when a card leaves it unset.
 DEFAULT_PROB_THRESHOLD = 0.5
@@ -55,34 +55,33 @@ __all__ = [
 _CONN8 = np.ones((3, 3), bool)
 
 
-def _foreground(prob: np.ndarray, threshold: float, min_size: int) -> tuple[np.ndarray, np.ndarray]:
+def _foreground(prob: np.ndarray, threshold: float, min_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Binarise ``prob`` (H, W) at ``>= threshold``; drop blobs < ``min_size`` px.
 
-    Returns (mask (H, W) bool, components (H, W) int32).
+    Returns (mask (H, W) bool, components (H, W) int32, the raveled indices of the mask's
+    pixels (n,) int64 ascending).
     """
     prob = np.asarray(prob)
     if prob.ndim != 2:
         raise ValueError(f"prob must be (H, W), got shape {prob.shape}")
     components, _ = ndi.label(prob >= threshold, structure=_CONN8)
-    components = remove_small(components, min_size)
-    return components > 0, components
+    components, fg = remove_small_fg(components, min_size)
+    return components > 0, components, fg
 
 
 def _seeded_watershed(
-    energy: np.ndarray, seeds: np.ndarray, mask: np.ndarray, components: np.ndarray
+    energy: np.ndarray, seeds: np.ndarray, mask: np.ndarray, components: np.ndarray, fg: np.ndarray | None = None,
 ) -> np.ndarray:
     """Watershed of ``energy`` from ``seeds`` inside ``mask``; unseeded components kept whole.
 
     energy (H, W) float, low = nucleus centre; seeds (H, W) int, 0 = none; mask (H, W) bool;
-    components (H, W) int32, the connected components of ``mask``. Returns int32 1..N.
+    components (H, W) int32, the connected components of ``mask`` (so ``mask`` is
+    ``components > 0``; ``fg``: the raveled indices of its pixels, if known). Returns int32 1..N. Same labels as scikit-image's
+    ``watershed(energy, markers=seeds * mask, mask=mask, connectivity=2)``, seedless
+    components then numbered ``component + max seed``, made consecutive; `flood.seeded_flood`
+    floods only the components where seeds compete.
     """
-    seeds = np.where(mask, seeds, 0)
-    out = watershed(energy, markers=seeds, mask=mask, connectivity=2).astype(np.int32)
-    # A component with a seed is flooded whole, so what is left are whole seedless ones.
-    seedless = mask & (out == 0)
-    if seedless.any():
-        out[seedless] = components[seedless] + out.max()
-    return relabel_consecutive(out)
+    return seeded_flood(energy, seeds, components, fg)
 
 
 def hv_watershed(
@@ -136,7 +135,7 @@ def hv_watershed(
         raise ValueError(f"hv must be (2, H, W) with prob (H, W): {np.shape(hv)}, {prob.shape}")
     setup = dict(ksize=ksize, normalise=normalise, gradient_range=gradient_range)
     edge_setup(**setup)  # bad values fail here, whichever map came in
-    mask, components = _foreground(prob, prob_threshold, min_size)
+    mask, components, fg = _foreground(prob, prob_threshold, min_size)
     if not mask.any():
         return np.zeros(prob.shape, np.int32)
     if edge is None:
@@ -146,15 +145,17 @@ def hv_watershed(
 
     # Nuclei are mountains of (1 - edge); negate so that they become basins.
     blur = np.array([0.25, 0.5, 0.25], np.float32)  # cv2.GaussianBlur((3, 3), 0)
-    energy = (1.0 - edge) * mask
-    energy = -separable(energy, blur, blur)
+    energy = 1.0 - edge
+    energy *= mask  # (1 - edge) * mask, in place
+    energy = separable(energy, blur, blur)
+    np.negative(energy, out=energy)
 
     markers = fill_holes(mask & (edge < marker_threshold))
     if opening_radius > 0:
         markers = open_disk(markers, opening_radius)
     seeds, _ = ndi.label(markers, structure=_CONN8)
     seeds = remove_small(seeds, min_size)
-    return _seeded_watershed(energy, seeds, mask, components)
+    return _seeded_watershed(energy, seeds, mask, components, fg)
 
 
 def marker_watershed(
@@ -176,12 +177,12 @@ def marker_watershed(
     prob, marker = np.asarray(prob), np.asarray(marker)
     if marker.shape != prob.shape:
         raise ValueError(f"marker must have prob's shape {prob.shape}, got {marker.shape}")
-    mask, components = _foreground(prob, prob_threshold, min_size)
+    mask, components, fg = _foreground(prob, prob_threshold, min_size)
     if not mask.any():
         return np.zeros(prob.shape, np.int32)
     seeds, _ = ndi.label((marker >= marker_threshold) & mask, structure=_CONN8)
     energy = -ndi.distance_transform_edt(mask)
-    return _seeded_watershed(energy, seeds, mask, components)
+    return _seeded_watershed(energy, seeds, mask, components, fg)
 
 
 def distance_watershed(
@@ -205,7 +206,7 @@ def distance_watershed(
     from ~0.6-0.7 (sigma 0) to ~0.85-0.9 (sigma 2).
     """
     prob = np.asarray(prob)
-    mask, components = _foreground(prob, prob_threshold, min_size)
+    mask, components, fg = _foreground(prob, prob_threshold, min_size)
     if not mask.any():
         return np.zeros(prob.shape, np.int32)
     dist = ndi.distance_transform_edt(mask)
@@ -217,7 +218,7 @@ def distance_watershed(
     peaks = peak_local_max(dist, min_distance=min_distance, exclude_border=False)
     seeds = np.zeros(prob.shape, np.int32)
     seeds[tuple(peaks.T)] = np.arange(1, len(peaks) + 1, dtype=np.int32)
-    return _seeded_watershed(-dist, seeds, mask, components)
+    return _seeded_watershed(-dist, seeds, mask, components, fg)
 
 
 def _tile_map(maps: Mapping[str, np.ndarray], key: str, method: str) -> np.ndarray:

@@ -154,12 +154,17 @@ def inside_slide(labels: np.ndarray, tile: Tile, plan: TilePlan) -> np.ndarray:
     return out
 
 
-def own_tile(tile: Tile, labels: np.ndarray, prob: np.ndarray, plan: TilePlan) -> TileNuclei:
-    """Ownership + spills for a tile whose window instance labels are ``labels`` (W, W)."""
+def own_tile(tile: Tile, labels: np.ndarray, prob: np.ndarray, plan: TilePlan,
+             sums: tuple[np.ndarray, ...] | None = None) -> TileNuclei:
+    """Ownership + spills for a tile whose window instance labels are ``labels`` (W, W).
+    ``sums``: `morphometry.moments` of ``labels`` when the caller has them, ``labels`` then
+    already inside the slide (`inside_slide`)."""
     h = plan.halo
     core_in_window = Box(h, h, h + tile.core.width, h + tile.core.height)
-    labels = inside_slide(labels, tile, plan)
-    present, n, sx, sy = moments(labels)
+    if sums is None:
+        labels = inside_slide(labels, tile, plan)
+        sums = moments(labels)
+    present, n, sx, sy = sums[:4]
     owned = centroid_in(n, sx, sy, core_in_window)
     window = relabel(labels, present[owned], 1)  # `owned_labels`, reusing the moments
     core = window[h : h + tile.core.height, h : h + tile.core.width]

@@ -185,7 +185,8 @@ class LabelStitcher:
         if len(self._area) < self.next_id:  # grow by doubling: one copy per doubling, not per tile
             self._area = np.concatenate([self._area, np.zeros(max(self.next_id, len(self._area)), np.int64)])
         self._area[offset + 1 : self.next_id] = _areas(tn)[1:]
-        chunk = np.where(tn.core_labels > 0, tn.core_labels + offset, 0).astype(np.int32)
+        chunk = np.zeros(tn.core_labels.shape, np.int32)  # ids + offset on the nuclei: 2 passes, not 4
+        np.add(tn.core_labels, offset, out=chunk, where=tn.core_labels > 0, casting="unsafe")
         for spill, off in self._pending.pop(cell, []):
             _paint(chunk, tn.tile.core, spill, off)
         self.merger.write_labels(tn.tile.core, chunk)

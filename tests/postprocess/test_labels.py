@@ -72,3 +72,18 @@ def test_upsample_labels_is_nearest_when_not_finer():
                                   resample_nearest(labels, 20, 20, 0.5))
     empty = np.zeros_like(labels)
     assert not upsample_labels(empty, prob, 80, 80, 2.0, 0.5).any()  # no object, nothing grows
+
+
+def test_remove_small_fg_gives_the_object_pixels_left():
+    from nucleiflow.pipeline.postprocess.labels import remove_small, remove_small_fg
+
+    lab = np.zeros((6, 7), np.int64)
+    lab[0, 0] = 3  # 1 px: goes
+    lab[2:4, 2:5] = 5  # 6 px: stays
+    lab[5, 5:7] = 1  # 2 px: goes at min_size 3
+    for min_size in (0, 1, 3, 7):
+        out, fg = remove_small_fg(lab, min_size)
+        assert out.dtype == np.int32 and fg.dtype == np.int64
+        np.testing.assert_array_equal(out, remove_small(lab, min_size))
+        np.testing.assert_array_equal(fg, np.flatnonzero(out))
+    assert set(np.unique(remove_small_fg(lab, 3)[0])) == {0, 5}

@@ -206,3 +206,16 @@ def test_perimeters_of_all_nuclei_match_skimage_to_the_bit():
     expected = [measure.perimeter(lab == k, neighborhood=4) for k in kept]
     assert P.perimeters(lab, kept).tolist() == expected
     assert P.perimeters(lab, kept[::2]).tolist() == expected[::2]
+    fg = np.flatnonzero(lab)  # the caller's foreground indices: same answer
+    assert P.perimeters(lab, kept, fg).tolist() == expected
+    assert P.perimeters(lab, kept[::2], fg).tolist() == expected[::2]
+
+
+def test_scaled_is_shapelys_transform():
+    polys = np.array([shapely.box(0, 0, 1, 2), shapely.Polygon(),
+                      shapely.Polygon([(0, 0), (4, 0), (4, 4), (0, 4)], [[(1, 1), (2, 1), (2, 2), (1, 1)]])],
+                     dtype=object)
+    got = P._scaled(polys, 2.5)
+    assert got.dtype == object and all(shapely.equals_exact(got, shapely.transform(polys, lambda xy: xy * 2.5), 0))
+    assert got[1].is_empty and len(got[2].interiors) == 1
+    assert len(P._scaled(np.empty(0, object), 2.0)) == 0

@@ -300,3 +300,30 @@ def test_tiff_tiles_read_what_openslide_reads(name, cmu_slide, mosaic_tool, tmp_
     finally:
         fast.close()
         slow.close()
+
+
+def test_tiff_tiles_cache_is_bounded_and_reads_the_same(tmp_path, monkeypatch):
+    """Decoded tiles are kept for neighbouring windows (LRU, capped in bytes): overlapping
+    reads equal OpenSlide's whether their tiles came from the cache or were decoded again."""
+    from slidefiles import write_tiff
+
+    from nucleiflow.pipeline.slide import tiff_tiles
+
+    rgb = np.random.default_rng(2).integers(0, 256, (700, 900, 3), dtype=np.uint8)
+    path = write_tiff(tmp_path / "z.tiff", rgb, 0.25)
+    for cap in (0, 3 * 2**20, 64 * 2**20):
+        monkeypatch.setattr(tiff_tiles, "CACHE_BYTES", cap)
+        fast, slow = _fast_and_openslide(path)
+        try:
+            tiles = fast._tiles
+            for x in (0, 150, 300, 450):  # windows overlapping their left-hand neighbour
+                np.testing.assert_array_equal(fast.read(x, 100, 400, 400, 0.25), slow.read(x, 100, 400, 400, 0.25))
+                assert tiles._cached == sum(t.nbytes for t in tiles._cache.values())
+                assert tiles._cached <= max(cap, max(t.nbytes for t in tiles._cache.values()))
+            if cap == 64 * 2**20:  # everything read so far is kept: a repeat decodes nothing
+                before = dict(tiles._cache)
+                fast.read(150, 100, 400, 400, 0.25)
+                assert all(tiles._cache[k] is v for k, v in before.items())
+        finally:
+            fast.close()
+            slow.close()

@@ -313,3 +313,23 @@ def test_nuclei_end_at_the_slide_edge_in_table_and_raster():
         stitcher.add(tn if t.index == tile.index else
                      process_tile(t, {"prob": np.zeros((w, w), np.float32)}, plan, DISTANCE))
     np.testing.assert_array_equal(store.labels, inside)
+
+
+def test_own_tile_with_the_callers_moments_is_the_same():
+    from nucleiflow.pipeline.postprocess.morphometry import moments
+
+    plan = plan_tiles(60, 20, MPP, MPP, tile_size=10, halo=15)
+    tile = next(t for t in plan if (t.row, t.col) == (0, 2))
+    w = plan.tile_size + 2 * plan.halo
+    win = np.zeros((w, w), np.int32)
+    win[15:25, 2:38], win[16:20, 18:22], win[3:6, 30:33] = 1, 2, 3  # 3 is past the slide's top edge
+    prob = np.linspace(0, 1, w * w, dtype=np.float32).reshape(w, w)
+    plain = own_tile(tile, win, prob, plan)
+    from nucleiflow.pipeline.tiles.ownership import inside_slide
+
+    inside = inside_slide(win, tile, plan)
+    given = own_tile(tile, inside, prob, plan, sums=moments(inside))
+    assert plain.n == given.n == 2
+    np.testing.assert_array_equal(plain.core_labels, given.core_labels)
+    np.testing.assert_array_equal(plain.areas, given.areas)
+    assert [(s.cell, s.box) for s in plain.spills] == [(s.cell, s.box) for s in given.spills]
