@@ -78,14 +78,24 @@ def remove_unsure(labels: np.ndarray, prob: np.ndarray, min_mean_prob: float) ->
     n = int(labels.max(initial=0))
     if min_mean_prob <= 0 or n == 0:
         return labels.astype(np.int32, copy=False)
-    flat = labels.ravel().astype(np.intp, copy=False)
-    area = np.bincount(flat, minlength=n + 1)
-    total = np.bincount(flat, weights=np.asarray(prob, np.float64).ravel(), minlength=n + 1)
+    # On the object pixels alone (a tile is mostly background): each bin's sum adds the
+    # same values in the same (raster) order as a whole-array bincount, so the same bits.
+    fg = np.flatnonzero(labels)
+    lab = labels.ravel()[fg].astype(np.intp, copy=False)
+    area = np.bincount(lab, minlength=n + 1)
+    total = np.bincount(lab, weights=np.asarray(prob).ravel()[fg].astype(np.float64), minlength=n + 1)
     keep = total >= min_mean_prob * area  # mean >= threshold, without dividing by 0 areas
     keep[0] = False
     if keep[1:].all():
         return labels.astype(np.int32, copy=False)
-    return relabel_consecutive(np.where(keep[labels], labels, 0))
+    # relabel_consecutive(np.where(keep[labels], labels, 0)) on the object pixels: ids that
+    # are present keep their order (those absent from the tile get no number either).
+    present = keep & (area > 0)
+    rank = np.cumsum(present, dtype=np.int32)
+    rank[~present] = 0
+    out = np.zeros(labels.size, np.int32)
+    out[fg] = rank[lab]
+    return out.reshape(labels.shape)
 
 
 def nucleus_ids(kept: np.ndarray, ids: int | Mapping[int, int]) -> np.ndarray:

@@ -38,6 +38,27 @@ def test_remove_unsure_by_mean_probability():
     assert not remove_unsure(np.zeros((2, 2), np.int32), np.zeros((2, 2)), 0.5).any()
 
 
+def test_remove_unsure_is_the_whole_array_formula():
+    """It works on the object pixels alone; same output as the whole-array bincount and
+    relabel it replaced, gaps in the ids included."""
+    from nucleiflow.pipeline.postprocess.labels import remove_unsure
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 60, (97, 83)).astype(np.int32)
+    labels[labels == 17] = 0  # an id absent from the tile
+    labels[rng.random(labels.shape) < 0.6] = 0
+    prob = rng.random(labels.shape).astype(np.float32)
+    for t in (0.45, 0.5, 0.52):
+        area = np.bincount(labels.ravel(), minlength=60)
+        total = np.bincount(labels.ravel(), weights=prob.astype(np.float64).ravel(), minlength=60)
+        keep = total >= t * area
+        keep[0] = False
+        want = relabel_consecutive(np.where(keep[labels], labels, 0))
+        got = remove_unsure(labels, prob, t)
+        assert got.dtype == np.int32 and 0 < got.max() < 58  # some dropped, the rest renumbered
+        np.testing.assert_array_equal(got, want)
+
+
 def _blobs(scale: float, n: int = 40) -> tuple[np.ndarray, np.ndarray]:
     """Two touching elliptic blobs sampled at pixel centres of an (n*scale)^2 grid:
     (probability float (H, W), the label of the nearer blob centre (H, W) where prob >= 0.5)."""
