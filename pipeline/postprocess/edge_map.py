@@ -1,6 +1,7 @@
-"""The HV edge map: where the horizontal / vertical distance maps jump, i.e. between touching
-nuclei (HoVer-Net's Sobel step). The dense, mask-free part of the HV post-processing:
-`infer.dense` computes the same bits in torch on the model's device from `edge_setup`.
+"""The dense part of the HV post-processing: the edge map, where the horizontal / vertical
+distance maps jump, i.e. between touching nuclei (HoVer-Net's Sobel step, `hv_edge`), and
+from it the flood's energy and where seeds may grow (`hv_energy`). Neither needs the
+cleaned mask: `infer.dense` computes the same bits in torch on the model's device.
 """
 from __future__ import annotations
 
@@ -104,3 +105,29 @@ def hv_edge(hv: np.ndarray, **setup) -> np.ndarray:
     # max(1 - norm(dh), 1 - norm(dv)) = 1 - min(norm(dh), norm(dv)), in place (same bits).
     out = np.minimum(norm(dh), norm(dv), out=dh)
     return np.subtract(1.0, out, out=out)
+
+
+#: The `hv_watershed` parameters `hv_energy`'s maps depend on besides the edge map's.
+ENERGY_PARAMS = ("prob_threshold", "marker_threshold")
+
+#: The energy's 3x3 blur, per axis (cv2.GaussianBlur((3, 3), 0)).
+BLUR = np.array([0.25, 0.5, 0.25], np.float32)
+
+
+def hv_energy(prob: np.ndarray, edge: np.ndarray, prob_threshold: float,
+              marker_threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """The flood's energy and the seed candidates of `hv_watershed`, from prob (H, W) float
+    and edge (H, W) float32 (`hv_edge`).
+
+    Returns (energy (H, W) float32 = ``-blur3x3((1 - edge) * (prob >= prob_threshold))``,
+    seedable (H, W) bool = ``edge < marker_threshold``). The raw mask, not the cleaned one:
+    on the cleaned mask's pixels, the only ones the flood reads, the two energies are the
+    same bits, since a 3x3 neighbour in the raw mask is in the same 8-connected component
+    and so was kept too. That makes both maps mask-free (`infer.dense` makes them on the
+    model's device).
+    """
+    energy = 1.0 - np.asarray(edge)  # float32 for a float32 edge, as `hv_edge` makes
+    energy *= np.asarray(prob) >= prob_threshold
+    energy = separable(energy, BLUR, BLUR)
+    np.negative(energy, out=energy)
+    return energy, edge < marker_threshold

@@ -28,8 +28,9 @@ from skimage.feature import peak_local_max
 
 from nucleiflow.pipeline.postprocess.binary import fill_holes, open_disk
 from nucleiflow.pipeline.postprocess.flood import seeded_flood
-# hv_edge is looked up here at call time: benchmarks/ceiling_child.py times it by patching this name.
-from nucleiflow.pipeline.postprocess.edge_map import edge_setup, hv_edge, separable
+# hv_edge, hv_energy are looked up here at call time: benchmarks/ceiling_child.py times them
+# by patching these names.
+from nucleiflow.pipeline.postprocess.edge_map import edge_setup, hv_edge, hv_energy
 from nucleiflow.pipeline.postprocess.labels import remove_small, remove_small_fg, remove_unsure
 
 #: Every method's mask threshold on the NP probability when a card leaves it unset.
@@ -89,6 +90,8 @@ def hv_watershed(
     hv: np.ndarray | None = None,
     *,
     edge: np.ndarray | None = None,
+    energy: np.ndarray | None = None,
+    seedable: np.ndarray | None = None,
     prob_threshold: float = DEFAULT_PROB_THRESHOLD,
     marker_threshold: float = 0.4,
     min_size: int = 10,
@@ -102,7 +105,10 @@ def hv_watershed(
     prob: (H, W) float nucleus probability; hv: (2, H, W) float, channel 0 = horizontal (x)
     and 1 = vertical (y) distance to the nucleus centroid, in [-1, 1]. Or, instead of hv,
     ``edge``: (H, W) float32, `hv_edge` of it already computed (on the model's device,
-    `infer.dense`) with this ``ksize``, ``normalise`` and ``gradient_range``.
+    `infer.dense`) with this ``ksize``, ``normalise`` and ``gradient_range``. Or, instead of
+    either, ``energy`` (H, W) float32 and ``seedable`` (H, W) bool: `hv_energy` of the edge
+    with this ``prob_threshold`` and ``marker_threshold`` (the dense part, all of steps 2-4
+    that needs no mask; `infer.dense` makes them on the model's device).
 
     1. mask = prob >= prob_threshold, blobs < ``min_size`` px removed.
     2. h and v min-max normalised over the tile; Sobel derivatives along x of h and along
@@ -126,31 +132,29 @@ def hv_watershed(
     max 0.52..0.61 B), so thresholds keep their HoVer-Net meaning.
     """
     prob = np.asarray(prob)
-    if edge is not None:
-        if np.shape(edge) != prob.shape:
-            raise ValueError(f"edge must have prob's shape {prob.shape}, got {np.shape(edge)}")
-    elif hv is None:
-        raise ValueError("hv_watershed needs hv (2, H, W) or its edge map (H, W)")
-    elif np.shape(hv) != (2, *prob.shape):
-        raise ValueError(f"hv must be (2, H, W) with prob (H, W): {np.shape(hv)}, {prob.shape}")
+    if (energy is None) != (seedable is None):
+        raise ValueError("energy and seedable come together")
+    for name, given in (("energy", energy), ("seedable", seedable), ("edge", edge)):
+        if given is not None and np.shape(given) != prob.shape:
+            raise ValueError(f"{name} must have prob's shape {prob.shape}, got {np.shape(given)}")
+    if energy is None and edge is None:
+        if hv is None:
+            raise ValueError("hv_watershed needs hv (2, H, W) or its edge map (H, W)")
+        if np.shape(hv) != (2, *prob.shape):
+            raise ValueError(f"hv must be (2, H, W) with prob (H, W): {np.shape(hv)}, {prob.shape}")
     setup = dict(ksize=ksize, normalise=normalise, gradient_range=gradient_range)
     edge_setup(**setup)  # bad values fail here, whichever map came in
     mask, components, fg = _foreground(prob, prob_threshold, min_size)
     if not mask.any():
         return np.zeros(prob.shape, np.int32)
-    if edge is None:
-        edge = hv_edge(hv, **setup)
-    # Only edge values inside the mask are read below (both uses are masked), so the map
-    # is used as given, not zeroed outside the mask (nor copied).
+    if energy is None:
+        if edge is None:
+            edge = hv_edge(hv, **setup)
+        # Nuclei are mountains of (1 - edge); negated, they become basins. Only values inside
+        # the mask are read below (both uses are masked): no copy zeroed outside it.
+        energy, seedable = hv_energy(prob, edge, prob_threshold, marker_threshold)
 
-    # Nuclei are mountains of (1 - edge); negate so that they become basins.
-    blur = np.array([0.25, 0.5, 0.25], np.float32)  # cv2.GaussianBlur((3, 3), 0)
-    energy = 1.0 - edge
-    energy *= mask  # (1 - edge) * mask, in place
-    energy = separable(energy, blur, blur)
-    np.negative(energy, out=energy)
-
-    markers = fill_holes(mask & (edge < marker_threshold))
+    markers = fill_holes(mask & seedable)
     if opening_radius > 0:
         markers = open_disk(markers, opening_radius)
     seeds, _ = ndi.label(markers, structure=_CONN8)
@@ -235,8 +239,8 @@ def _squeeze_channel(a: np.ndarray) -> np.ndarray:
 METHODS: dict[str, Callable[..., np.ndarray]] = {
     "hv": lambda maps, **kw: hv_watershed(
         _squeeze_channel(_tile_map(maps, "prob", "hv")),
-        None if "edge" in maps else _tile_map(maps, "hv", "hv"),
-        edge=_squeeze_channel(np.asarray(maps["edge"])) if "edge" in maps else None,
+        None if "edge" in maps or "energy" in maps else _tile_map(maps, "hv", "hv"),
+        **{k: _squeeze_channel(np.asarray(maps[k])) for k in ("edge", "energy", "seedable") if k in maps},
         **kw,
     ),
     "marker": lambda maps, **kw: marker_watershed(
@@ -256,8 +260,8 @@ def postprocess(maps: Mapping[str, np.ndarray], method: str, *, min_mean_prob: f
     """Instance labels of one tile from its maps with the post-processing named ``method``.
 
     maps: "prob" (H, W), "hv" (2, H, W) or its "edge" (H, W) (`hv_edge`, preferred when
-    both are there) for "hv", "marker" (H, W) for "marker" ((1, H, W) is accepted for prob,
-    edge and marker). ``params`` go to the method's function; then, for every method,
+    both are there) or "energy" and "seedable" (H, W) (`hv_energy`, preferred to both) for
+    "hv", "marker" (H, W) for "marker" ((1, H, W) is accepted for every map but hv). ``params`` go to the method's function; then, for every method,
     objects whose mean probability is below ``min_mean_prob`` are dropped
     (`labels.remove_unsure`; 0 = keep all).
     Returns int32 (H, W), 0 = background, nuclei 1..N.
