@@ -155,11 +155,13 @@ def stages(spec: dict, reader, tissue, plan, card, calls) -> dict:
     names = {"run_postprocess": "watershed", "own_tile": "ownership", "nuclei_table": "polygons_morphometry"}
     for k, fn in saved.items():
         setattr(workers, k, tm.wrap(names[k], fn))
-    # Inside watershed: the HV edge map, which a CUDA Predictor computes on the GPU instead
-    # (`infer.dense`); trees from before that split have no `hv_edge`.
-    edge_fn = getattr(watershed, "hv_edge", None)
-    if edge_fn is not None:
-        watershed.hv_edge = tm.wrap("edge", edge_fn)
+    # Inside watershed: the dense maps a CUDA Predictor computes on the GPU instead
+    # (`infer.dense`): the HV edge map and, since the energy split, its energy and seed
+    # candidates. Trees from before those splits lack `hv_edge` / `hv_energy`.
+    dense_fns = {name: getattr(watershed, fn) for name, fn in (("edge", "hv_edge"), ("energy", "hv_energy"))
+                 if hasattr(watershed, fn)}
+    for name, fn in dense_fns.items():
+        setattr(watershed, fn.__name__, tm.wrap(name, fn))
     region = reader._region
     reader._region = tm.wrap("decode", region)  # inside read: the rest of read is resampling
     ref = StainReference.default()
@@ -180,11 +182,13 @@ def stages(spec: dict, reader, tissue, plan, card, calls) -> dict:
         reader._region = region
         for k, fn in saved.items():
             setattr(workers, k, fn)
-        if edge_fn is not None:
-            watershed.hv_edge = edge_fn
+        for fn in dense_fns.values():
+            setattr(watershed, fn.__name__, fn)
     for d in (tm.s, tm.cpu):
         d["resample"] = d.get("read", 0.0) - d.get("decode", 0.0)
         d["write"] = d.get("write_tiles", 0.0) + d.get("write_close", 0.0)
+        if dense_fns:
+            d["dense"] = sum(d.get(name, 0.0) for name in dense_fns)
     return {"seconds": tm.s, "cpu_seconds": tm.cpu, "nuclei": stitcher.count, "tiles": len(plan)}
 
 

@@ -29,8 +29,9 @@ class Predictor:
     flipped/rotated views (`models.tta`; ``tta`` forward passes per batch).
 
     ``dense``: do the dense part of the card's post-processing here, on the model's device
-    (`infer.dense.dense_maps`: "edge" (B,H,W) in place of "hv", the same bits the workers
-    would compute, a third less to ship to the workers and no Sobel work left in them).
+    (`infer.dense.dense_maps`: "energy" (B,H,W) float32 and "seedable" (B,H,W) bool in place
+    of "hv", the same bits the workers would compute, a quarter less to ship to the workers
+    and no Sobel or blur work left in them).
     None = on CUDA only: on CPU the workers' NumPy does it 3-7x faster, in parallel with the
     model, so there it only costs (README "Speed").
     """
@@ -48,7 +49,8 @@ class Predictor:
             torch.backends.cudnn.benchmark = True
 
     @torch.inference_mode()
-    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+    def __call__(self, images: np.ndarray, dense: bool | None = None) -> dict[str, np.ndarray]:
+        """``dense``: this call's, instead of the predictor's."""
         x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
         if self.cuda:
             x = x.pin_memory().to(self.device, non_blocking=True)
@@ -59,23 +61,26 @@ class Predictor:
                 maps = tta_maps(lambda v: to_maps(self.model(v)), x, self.tta)
             else:
                 maps = to_maps(self.model(x))
-        if self.dense:
+        if self.dense if dense is None else dense:
             maps = dense_maps(maps, self.card.postprocess)
         out = {}
         for k, v in maps.items():
-            arr = v.float().cpu().numpy()
+            arr = (v if v.dtype == torch.bool else v.float()).cpu().numpy()
             out[k] = arr[:, 0] if k in ("prob", "marker") else arr
         return out
 
 
 class RecordingPredictor:
-    """A `Predictor` that keeps every batch's maps, so `replay` can serve them again."""
+    """A `Predictor` that keeps every batch's maps, so `replay` can serve them again.
+
+    It records the model's own maps ("hv", never the ``dense`` ones): those depend on the
+    card's thresholds, which a replay may change (`train.tuning`)."""
 
     def __init__(self, predictor: Predictor) -> None:
         self.predictor, self.card, self.calls = predictor, predictor.card, []
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        out = self.predictor(images)
+        out = self.predictor(images, dense=False)
         self.calls.append(out)
         return out
 
@@ -86,8 +91,9 @@ class RecordingPredictor:
 class ReplayPredictor:
     """Serves recorded maps in call order, without a model: the tiled path's post-processing
     alone (e.g. candidate thresholds through exactly the path `evaluate` scores). The same
-    plan and batch size must drive it as drove the recording; recorded "edge" maps (a
-    ``dense`` predictor) hold the recording card's ksize / normalise / gradient_range."""
+    plan and batch size must drive it as drove the recording; recorded dense maps (a
+    ``dense`` predictor's "energy" / "seedable") hold the recording card's values
+    (`infer.dense.dense_params`), so replay them only with those."""
 
     def __init__(self, calls: list[dict[str, np.ndarray]], card: ModelCard) -> None:
         self.calls, self.card, self._next = calls, ModelCard.of(card), 0
