@@ -22,6 +22,8 @@ How skimage's result is reproduced (its ``_get_contour_segments`` + ``_assemble_
 from __future__ import annotations
 
 import numpy as np
+from scipy.sparse import csr_array
+from scipy.sparse.csgraph import connected_components, depth_first_order
 
 # Per case (bits: ul 1, ur 2, ll 4, lr 8): segments (from, to) as doubled (row, col) offsets
 # inside the square, 0 = top / left corner, 2 = bottom / right: skimage's (0.26) with
@@ -73,18 +75,15 @@ def rings(labels: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     at = r0 * (w + 2) + c0  # the square's top-left pixel in pad, raveled
     flat = pad.ravel()
     a, b, c, d = flat[at], flat[at + 1], flat[at + w + 2], flat[at + w + 3]
-    # One entry per (square, object among its corners): the object's first corner names it.
-    owner, square, case = [], [], []
-    for k, (lab, earlier) in enumerate(((a, ()), (b, (a,)), (c, (a, b)), (d, (a, b, c)))):
-        first = lab > 0
-        for e in earlier:
-            first &= lab != e
-        lab_k = lab[first]
-        owner.append(lab_k)
-        square.append(sq[first])
-        case.append((a[first] == lab_k) * 1 + (b[first] == lab_k) * 2 + (c[first] == lab_k) * 4
-                    + (d[first] == lab_k) * 8)
-    owner, square, case = np.concatenate(owner), np.concatenate(square), np.concatenate(case)
+    # One entry per (square, object among its corners): the object's first corner names it;
+    # its case from the six pairwise equalities, computed once (not per corner).
+    ab, ac, ad, bc, bd, cd = (x.view(np.uint8) for x in (a == b, a == c, a == d, b == c, b == d, c == d))
+    firsts = (a > 0, (b > 0) & (ab == 0), (c > 0) & ((ac | bc) == 0), (d > 0) & ((ad | bd | cd) == 0))
+    cases = (1 | (ab << 1) | (ac << 2) | (ad << 3), ab | 2 | (bc << 2) | (bd << 3),
+             ac | (bc << 1) | 4 | (cd << 3), ad | (bd << 1) | (cd << 2) | 8)
+    owner = np.concatenate([lab[f] for lab, f in zip((a, b, c, d), firsts)])
+    square = np.concatenate([sq[f] for f in firsts])
+    case = np.concatenate([k[f] for k, f in zip(cases, firsts)])
     # Segments: every entry's first, then the second of saddles; sorted by (object, scan order).
     two = _NSEG[case] == 2
     owner = np.concatenate([owner, owner[two]]).astype(np.int64)
@@ -102,26 +101,10 @@ def rings(labels: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     by_start = np.argsort(start_key)
     succ = by_start[np.searchsorted(start_key, end_key, sorter=by_start)]
 
-    # Each ring: its first (min) and last (max) segment in scan order, by pointer jumping.
     n = len(succ)
     if n == 0:
         return np.zeros((0, 2)), np.zeros(1, np.int64), np.zeros(0, np.int64)
-    lo, hi, step = np.arange(n), np.arange(n), succ
-    while True:
-        lo2, hi2 = np.minimum(lo, lo[step]), np.maximum(hi, hi[step])
-        if np.array_equal(lo2, lo) and np.array_equal(hi2, hi):
-            break
-        lo, hi, step = lo2, hi2, step[step]
-    # Steps from each segment to its ring's last one (list ranking, the last one a dead end).
-    last = hi == np.arange(n)
-    dist = np.where(last, 0, 1)
-    nxt = np.where(last, np.arange(n), succ)
-    while not np.array_equal(nxt, nxt[nxt]):
-        dist, nxt = dist + dist[nxt], nxt[nxt]
-    # The ring starts after its last segment: the position of s is length - 1 - dist.
-    walk = np.argsort(lo * n + (n - 1 - dist))  # rings by first segment (grouped by object), then walk
-    ring_first = np.flatnonzero(np.r_[True, lo[walk][1:] != lo[walk][:-1]])
-    lengths = np.diff(np.r_[ring_first, n])
+    walk, ring_first, lengths = _walk(succ)
     # Vertices: each segment's start, then the ring's first vertex again.
     rows = np.insert(fr[walk], ring_first + lengths, fr[walk][ring_first])
     cols = np.insert(fc[walk], ring_first + lengths, fc[walk][ring_first])
@@ -129,3 +112,29 @@ def rings(labels: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     xy = np.stack([cols / 2 - 0.5, rows / 2 - 0.5], axis=1)
     ring_start = np.r_[ring_first + np.arange(len(ring_first)), len(xy)].astype(np.int64)
     return xy, ring_start, owner[walk][ring_first] - 1
+
+
+def _walk(succ: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rings of the permutation ``succ`` (n,) int64 (segment -> next segment), walked:
+    (walk (n,) the segments ring after ring, rings by their first (min) segment, each from
+    the segment after its last (max) one; ring_first (R,) and lengths (R,) of the rings in
+    ``walk``). In C: the cycles are the graph's components; cut each after its last segment
+    and chain the rings in order, and one depth-first walk of that path visits them all."""
+    n = len(succ)
+    idx = np.arange(n)
+    k, ring = connected_components(csr_array((np.ones(n, bool), succ, np.arange(n + 1)), shape=(n, n)),
+                                   directed=True, connection="weak")
+    lo, hi = np.full(k, n), np.zeros(k, np.int64)
+    np.minimum.at(lo, ring, idx)
+    np.maximum.at(hi, ring, idx)
+    order = np.argsort(lo)
+    last = hi[order]
+    first = succ[last]  # a ring starts after its last segment
+    nxt = succ.copy()
+    nxt[last[:-1]] = first[1:]  # ... and its last segment leads to the next ring's start
+    rows = np.delete(idx, last[-1])  # the very last segment leads nowhere
+    path = csr_array((np.ones(n - 1, bool), (rows, nxt[rows])), shape=(n, n))
+    walk = depth_first_order(path, int(first[0]), directed=True, return_predecessors=False)
+    lengths = np.bincount(ring, minlength=k)[order]
+    ring_first = np.r_[0, np.cumsum(lengths)[:-1]]
+    return walk.astype(np.int64), ring_first, lengths
