@@ -30,9 +30,10 @@ watershed: "edge", the HV edge map, `watershed.hv_edge`, plus "energy", its blur
 and seed candidates, `watershed.hv_energy`) is what a CUDA Predictor computes on the GPU
 instead (`infer.dense`); the "gpu_dense" / "dense on GPU" rows leave it out (its GPU time is
 not measured here). A tree from before the energy split (`2c4aee5` and older) has only the
-edge map to move: its "dense" is its "edge"; one from before the edge split has none. The same stages are also given in CPU time (the process's, all its
-threads), best of the repeats: on cores shared with other jobs the wall time counts the waits
-for a core too, and moved by +-10% between runs of the same code. The ref tree, if older than that split, shows no edge row. With --compare the
+edge map to move: its "dense" is its "edge"; one from before the edge split (`af54397`) has
+none and shows no dense rows. The same stages are also given in CPU time (the process's, all
+its threads), best of the repeats: on cores shared with other jobs the wall time counts the
+waits for a core too, and moved by +-10% between runs of the same code. With --compare the
 outputs of both are compared too: label rasters and tables identical, or else the share of
 REF's nuclei matched at IoU >= 0.9 and the count difference (goal: >= 99.5%, within 0.5%).
 Card keys REF does not know (e.g. ``postprocess.min_mean_prob``) are left out for both trees,

@@ -22,7 +22,7 @@ How skimage's result is reproduced (its ``_get_contour_segments`` + ``_assemble_
 from __future__ import annotations
 
 import numpy as np
-from scipy.sparse import csr_array
+from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components, depth_first_order
 
 # Per case (bits: ul 1, ur 2, ll 4, lr 8): segments (from, to) as doubled (row, col) offsets
@@ -122,7 +122,7 @@ def _walk(succ: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     and chain the rings in order, and one depth-first walk of that path visits them all."""
     n = len(succ)
     idx = np.arange(n)
-    k, ring = connected_components(csr_array((np.ones(n, bool), succ, np.arange(n + 1)), shape=(n, n)),
+    k, ring = connected_components(csr_matrix((np.ones(n, bool), succ, np.arange(n + 1)), shape=(n, n)),
                                    directed=True, connection="weak")
     lo, hi = np.full(k, n), np.zeros(k, np.int64)
     np.minimum.at(lo, ring, idx)
@@ -133,7 +133,7 @@ def _walk(succ: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     nxt = succ.copy()
     nxt[last[:-1]] = first[1:]  # ... and its last segment leads to the next ring's start
     rows = np.delete(idx, last[-1])  # the very last segment leads nowhere
-    path = csr_array((np.ones(n - 1, bool), (rows, nxt[rows])), shape=(n, n))
+    path = csr_matrix((np.ones(n - 1, bool), (rows, nxt[rows])), shape=(n, n))
     walk = depth_first_order(path, int(first[0]), directed=True, return_predecessors=False)
     lengths = np.bincount(ring, minlength=k)[order]
     ring_first = np.r_[0, np.cumsum(lengths)[:-1]]

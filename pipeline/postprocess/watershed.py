@@ -46,6 +46,7 @@ __all__ = [
     "METHODS",
     "distance_watershed",
     "hv_edge",
+    "hv_energy",
     "hv_watershed",
     "marker_watershed",
     "mask_threshold",
