@@ -182,6 +182,7 @@ def nuclei_table(
     simplify: float = 0.35,
     threshold: float | None = None,
     box: tuple[int, int, int, int] | None = None,
+    context: np.ndarray | None = None,
 ) -> Table:
     """One row per nucleus: a level-0 polygon and morphometrics.
 
@@ -206,6 +207,8 @@ def nuclei_table(
             interpolated between them, crosses it (`subpixel.follow_probability`); None:
             outlines through the pixel-edge midpoints. ``box``: (x0, y0, x1, y1) of the
             pixels whose probability counts (the slide's part of a tile window), None: all.
+            ``context``: (H, W) labels of every object of the window, not only the kept
+            ones: outlines stay half-way to those too (`subpixel.follow_probability`).
 
     Returns:
         dict of 1-D numpy arrays, columns ``COLUMNS`` (+ the optional ones asked for), rows by
@@ -239,7 +242,7 @@ def nuclei_table(
     ox, oy = offset
     geoms, perim, solidity = _outlines(labels, kept, offset, scale, simplify,
                                        prob=prob if threshold is not None else None, threshold=threshold, box=box,
-                                       fg=fg)
+                                       fg=fg, context=context)
 
     table: Table = {
         "nucleus_id": nucleus_ids(kept, ids),
@@ -271,14 +274,16 @@ def _outlines(labels: np.ndarray, kept: np.ndarray, offset: tuple[float, float],
               simplify: float, prob: np.ndarray | None = None,
               threshold: float | None = None,
               box: tuple[int, int, int, int] | None = None,
-              fg: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+              fg: np.ndarray | None = None,
+              context: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per kept label: level-0 polygon (simplified), perimeter in model px (skimage's
     regionprops perimeter, 4-neighbourhood) and solidity (of the unsimplified outline).
     With ``prob`` and ``threshold``, vertices at the probability's crossing. ``fg``:
     ``np.flatnonzero(labels)`` when the caller has it."""
     xy, ring_start, owner = rings(labels, kept)
     if prob is not None and threshold is not None:
-        xy = follow_probability(xy, kept[np.repeat(owner, np.diff(ring_start))], labels, prob, threshold, box)
+        xy = follow_probability(xy, kept[np.repeat(owner, np.diff(ring_start))], labels, prob, threshold, box,
+                                context)
     polys = _polygons(xy + np.asarray(offset, dtype=np.float64), ring_start, owner, len(kept))
     perim = perimeters(labels, kept, fg)
     raw = _clean(polys)

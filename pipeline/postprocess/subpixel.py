@@ -17,7 +17,8 @@ MARGIN = 0.1
 
 
 def follow_probability(xy: np.ndarray, owner: np.ndarray, labels: np.ndarray, prob: np.ndarray,
-                       threshold: float, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+                       threshold: float, box: tuple[int, int, int, int] | None = None,
+                       context: np.ndarray | None = None) -> np.ndarray:
     """Vertices of mask outlines moved along their pixel-centre segment to the threshold.
 
     Args:
@@ -29,6 +30,10 @@ def follow_probability(xy: np.ndarray, owner: np.ndarray, labels: np.ndarray, pr
             probability in [0, 1]; threshold: the mask threshold it was cut at.
         box: (x0, y0, x1, y1) pixels of ``labels`` whose probability counts (e.g. the part
             of a tile's window inside the slide: past its edge there is nothing); None: all.
+        context: (H, W) int labels of *every* object of the window, ``labels``' ones among
+            them (e.g. the tile's nuclei that a neighbour tile owns): a vertex next to any of
+            them stays half-way too. Without it an outline traced here would bulge into a
+            neighbour tile's nucleus, whose own outline stops half-way. None: ``labels``.
 
     Returns:
         (V, 2) float64: a vertex between an object pixel (value p_in, at least just above the
@@ -58,6 +63,9 @@ def follow_probability(xy: np.ndarray, owner: np.ndarray, labels: np.ndarray, pr
     p1 = flat_prob[i1].astype(np.float64)
     p2 = flat_prob[i2].astype(np.float64)
     first_in = lab1 == owner  # else the object's pixel is the second one
+    if context is not None:
+        flat_context = context.ravel()
+        lab1, lab2 = np.where(inside, flat_context[i1], 0), np.where(inside, flat_context[i2], 0)
     other = np.where(first_in, lab2, lab1)
     eps = 1e-3
     p_in = np.maximum(np.where(first_in, p1, p2), threshold + eps)

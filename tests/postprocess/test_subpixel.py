@@ -82,3 +82,28 @@ def test_pixels_outside_the_box_do_not_count():
     assert free[(3.0, 1.5)][0] > 3.2  # towards the glass at 0.45
     assert np.allclose(cut[(3.0, 1.5)], (3.0, 1.5))  # at the slide's edge: stays on it
     assert np.allclose(cut[(1.0, 1.5)], free[(1.0, 1.5)])  # inside the box: as without one
+
+
+def test_a_nucleus_only_in_the_context_stops_the_outline_half_way():
+    """Object 2 belongs to a neighbour tile (not in the traced labels, only in ``context``):
+    object 1's outline stops half-way to it, as the neighbour's outline of 2 does, instead of
+    following the probability into it."""
+    traced = np.array([[0, 0, 0, 0],
+                       [0, 1, 0, 0],
+                       [0, 0, 0, 0]])
+    context = np.array([[0, 0, 0, 0],
+                        [0, 5, 7, 0],
+                        [0, 0, 0, 0]])  # other ids: only zero / non-zero counts
+    prob = np.array([[0.1, 0.1, 0.1, 0.1],
+                     [0.1, 0.9, 0.8, 0.1],
+                     [0.1, 0.1, 0.1, 0.1]])
+    xy = _rings(traced, 1)
+    alone = follow_probability(xy, np.full(len(xy), 1), traced, prob, 0.5)
+    beside = follow_probability(xy, np.full(len(xy), 1), traced, prob, 0.5, context=context)
+    a = {tuple(p): tuple(q) for p, q in zip(np.round(xy, 6), np.round(alone, 6))}
+    b = {tuple(p): tuple(q) for p, q in zip(np.round(xy, 6), np.round(beside, 6))}
+    assert a[(2.0, 1.5)][0] > 2.0 + 0.3  # without context: far into the neighbour's pixel
+    assert b[(2.0, 1.5)] == (2.0, 1.5)  # with it: half-way
+    for k in a:  # every other vertex moves as before
+        if k != (2.0, 1.5):
+            assert a[k] == b[k]

@@ -24,6 +24,11 @@ from nucleiflow.pipeline.tiles.plan import plan_slide, plan_tiles
 from nucleiflow.pipeline.tiles.stitch import MemoryMerger
 
 
+def student_mpp() -> float:
+    """The bundled student's mpp (its card's): the grid the slide is planned on."""
+    return load_predictor("student", device="cpu").card.mpp
+
+
 def run(reader, plan) -> tuple[pd.DataFrame, np.ndarray]:
     merger = MemoryMerger(plan.height, plan.width)
     stats = segment_reader(reader, plan, load_predictor("student", device="cpu"), merger, readers=0, workers=0)
@@ -35,7 +40,7 @@ def run(reader, plan) -> tuple[pd.DataFrame, np.ndarray]:
 
 def test_cmu_default_options_give_every_nucleus_once(cmu_slide):
     with open_slide(cmu_slide) as reader:
-        plan = plan_slide(reader.info, detect_tissue(reader, mpp=TISSUE_MPP), 0.5, tile_size=DEFAULT_TILE,
+        plan = plan_slide(reader.info, detect_tissue(reader, mpp=TISSUE_MPP), student_mpp(), tile_size=DEFAULT_TILE,
                           halo=DEFAULT_HALO)
         table, _ = run(reader, plan)
     ov = overlaps(table.geometry.values)
@@ -56,7 +61,7 @@ def mosaic(tmp_path_factory, shared_data, mosaic_tool) -> Path:
 def test_mosaic_tiled_three_ways_has_no_nucleus_twice(mosaic, tile, origin):
     with open_slide(mosaic) as reader:
         info = reader.info
-        plan = plan_tiles(info.width, info.height, info.mpp_x, 0.5, tile_size=tile, halo=DEFAULT_HALO, origin=origin)
+        plan = plan_tiles(info.width, info.height, info.mpp_x, student_mpp(), tile_size=tile, halo=DEFAULT_HALO, origin=origin)
         table, _ = run(reader, plan)
     ov = overlaps(table.geometry.values)
     print(f"mosaic tile {tile} origin {origin}: {len(plan)} tiles, {len(table)} nuclei, largest overlap {ov.max():.3f}")
