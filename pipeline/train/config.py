@@ -30,6 +30,8 @@ class TeacherConfig(BaseModel):
     unlabelled_slides: list[str] = Field(default_factory=list, description="Slides to cut unlabelled tiles from.")
     unlabelled_tiles: int = Field(64, ge=0)
     unlabelled_every: int = Field(2, ge=1, description="One unlabelled batch every N steps.")
+    tta: int = Field(1, ge=1, le=8, description="Views (flips/rotations, models/tta.py) the teacher's maps are "
+                     "averaged over: the student learns the averaged maps at the cost of one forward.")
 
 
 class LoopConfig(BaseModel):
@@ -87,4 +89,6 @@ class TrainConfig(BaseModel):
             del data["train"]["sample_seed"]
         if data["train"]["ema"] is None:  # the same for ema
             del data["train"]["ema"]
+        if data["teacher"] is not None and data["teacher"]["tta"] == 1:  # and for the teacher's views
+            del data["teacher"]["tta"]
         return config_hash(data)

@@ -20,6 +20,7 @@ import torch
 from nucleiflow.models import losses
 from nucleiflow.models.checkpoint import load_checkpoint
 from nucleiflow.models.registry import create_model
+from nucleiflow.models.tta import tta_maps
 from nucleiflow.models.enhancement import EnhancedStudent
 from nucleiflow.models.golo import GoLo
 from nucleiflow.models.unet import UNet
@@ -205,7 +206,8 @@ def _teacher(cfg: TrainConfig, device: torch.device, log: Callable[[str], None])
         return None, None
     teacher, tcard = load_checkpoint(cfg.teacher.model, map_location=device)
     teacher.eval().requires_grad_(False)
-    log(f"teacher: {cfg.teacher.model} ({tcard.get('arch')}), alpha={cfg.teacher.alpha}")
+    log(f"teacher: {cfg.teacher.model} ({tcard.get('arch')}), alpha={cfg.teacher.alpha}"
+        + (f", maps averaged over {cfg.teacher.tta} views" if cfg.teacher.tta > 1 else ""))
     if abs(float(tcard.get("mpp", cfg.mpp)) - cfg.mpp) > 1e-6:
         # The teacher sees the student's tiles: at another scale its outputs are off.
         log(f"warning: teacher was trained at {tcard['mpp']} um/px, the student trains at {cfg.mpp}")
@@ -280,7 +282,8 @@ def _epoch(cfg: TrainConfig, device: torch.device, stage: str | None, parts: dic
             t_out = None
             if teacher is not None:
                 with torch.no_grad():
-                    t_out = teacher(x)
+                    n_views = cfg.teacher.tta
+                    t_out = tta_maps(teacher, x, n_views) if n_views > 1 else teacher(x)
             loss = _loss(cfg.arch, out, tgt, t_out, cfg, stage)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()

@@ -282,3 +282,24 @@ def test_unlabelled_batch_every_n_steps(shared_data, tmp_path, teacher, monkeypa
     assert seen == expected
 
 
+
+
+@pytest.mark.parametrize("views", [1, 4])
+def test_teacher_maps_averaged_over_views(shared_data, tmp_path, teacher, monkeypatch, views):
+    """teacher.tta=N: every step's teacher maps are `tta_maps` over N views; 1: one forward."""
+    calls: list[int] = []
+    real = training.tta_maps
+
+    def spy(predict, x, n):
+        calls.append(n)
+        return real(predict, x, n)
+
+    monkeypatch.setattr(training, "tta_maps", spy)
+    cfg = TrainConfig.model_validate(config(
+        shared_data, tmp_path, train={"epochs": 1, "steps_per_epoch": 3, "patch": 64},
+        teacher={"model": str(teacher), "tta": views}))
+    quiet(cfg)
+    assert calls == ([] if views == 1 else [views] * 3)
+    unset = TrainConfig.model_validate(config(shared_data, tmp_path, teacher={"model": str(teacher)}))
+    same = TrainConfig.model_validate(config(shared_data, tmp_path, teacher={"model": str(teacher), "tta": 1}))
+    assert unset.key() == same.key()  # runs made before the option keep their keys
