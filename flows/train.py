@@ -60,7 +60,9 @@ def _check_data(path: str | Path, where: str, d: DataConfig, seed: int) -> None:
         split_data(d, seed)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
-    held_out = {r.name for r in read_splits(d.root) if r.split == d.eval_split}
+    if d.eval_split is None:
+        return
+    held_out = {r.name for r in read_splits(d.root, blank_mpp=d.blank_mpp) if r.split == d.eval_split}
     unknown = sorted(set(d.eval_names or ()) - held_out)
     if not held_out or unknown:
         raise ValueError(f"{path}: {where}.eval_split {d.eval_split!r} of {d.root} "
@@ -139,7 +141,8 @@ def train_model(config: str) -> dict:
     if cfg.tune_postprocess and result["val_names"]:
         post = tune_task(result["model"], card, cfg, result["splits"])
     card = build_card(cfg, result, None, outputs, postprocess=post)
-    by_data = {Path(d.root).name: evaluate_task(result["model"], card, cfg, "new", d) for d in cfg.data}
+    by_data = {Path(d.root).name: evaluate_task(result["model"], card, cfg, "new", d) for d in cfg.data
+               if d.eval_split is not None}
     new = by_data[Path(cfg.primary.root).name]
     card = build_card(cfg, result, new, outputs, postprocess=post, by_data=by_data)
     old = None
@@ -187,7 +190,8 @@ def retune_model(config: str) -> dict:
             "tuning": {"objective": OBJECTIVE, "grid": GRIDS[post["method"]],
                        "validation_images": sum(len(v) for _, v in splits),
                        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}}
-    by_data = {Path(d.root).name: evaluate_task(model, card, cfg, "new", d) for d in cfg.data}
+    by_data = {Path(d.root).name: evaluate_task(model, card, cfg, "new", d) for d in cfg.data
+               if d.eval_split is not None}
     new = by_data[Path(cfg.primary.root).name]
     card["metrics"] = metrics_record(new, by_data)
     folder = save_card(cfg.out, card)

@@ -16,9 +16,13 @@ class DataConfig(BaseModel):
     root: str = Field(description="Data set in the shared/data layout (images/, labels/, splits.csv).")
     weight: float = Field(1.0, ge=0, description="Share of training patches drawn from this set (relative).")
     group_by: str | None = Field(None, description="splits.csv column (e.g. patient): validation holds out whole groups.")
-    val_fraction: float = Field(0.2, gt=0, lt=1)
+    val_fraction: float = Field(0.2, ge=0, lt=1, description="Share of the train split held out for validation; "
+                                "0: all of it trains (an auxiliary set; validation comes from the others).")
     names: list[str] | None = Field(None, description="Train on these train-split images only.")
-    eval_split: str = "test"
+    eval_split: str | None = Field("test", description="Split scored after training; None: not scored "
+                                   "(a set with no held-out split, e.g. dsb2018-he).")
+    blank_mpp: Literal["error", "skip"] = Field("error", description="Images with a blank mpp in splits.csv: an "
+                                                "error, or left out (dsb2018-he has two).")
     eval_names: list[str] | None = None
 
 
@@ -77,6 +81,13 @@ class TrainConfig(BaseModel):
     def _one_or_many(cls, v: Any) -> Any:
         return [v] if isinstance(v, dict) else v
 
+    @field_validator("data")
+    @classmethod
+    def _primary_is_scored(cls, v: list[DataConfig]) -> list[DataConfig]:
+        if v and v[0].eval_split is None:
+            raise ValueError("the first data set's eval_split gives the card's metrics: it cannot be None")
+        return v
+
     @property
     def primary(self) -> DataConfig:
         """The first data set: its eval split is the card's headline metrics."""
@@ -89,6 +100,9 @@ class TrainConfig(BaseModel):
             del data["train"]["sample_seed"]
         if data["train"]["ema"] is None:  # the same for ema
             del data["train"]["ema"]
+        for d in data["data"]:  # and for options of a data set
+            if d["blank_mpp"] == "error":
+                del d["blank_mpp"]
         if data["teacher"] is not None and data["teacher"]["tta"] == 1:  # and for the teacher's views
             del data["teacher"]["tta"]
         return config_hash(data)

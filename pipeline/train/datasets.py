@@ -35,9 +35,10 @@ class ImageRecord:
     group: str | None = None  # e.g. the patient: validation is carved by whole groups
 
 
-def read_splits(root: str | Path, group_by: str | None = None) -> list[ImageRecord]:
+def read_splits(root: str | Path, group_by: str | None = None, blank_mpp: str = "error") -> list[ImageRecord]:
     """Records of ``<root>/splits.csv``, in file order; a clear error names a bad file.
-    ``group_by`` names a column (e.g. "patient") copied into each record's ``group``."""
+    ``group_by`` names a column (e.g. "patient") copied into each record's ``group``;
+    ``blank_mpp`` "skip" leaves out rows whose mpp is blank (unknown) instead of failing."""
     root = Path(root)
     path = root / "splits.csv"
     if not path.is_file():
@@ -50,6 +51,8 @@ def read_splits(root: str | Path, group_by: str | None = None) -> list[ImageReco
             raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (needs {', '.join(needed)})")
         records = []
         for line, row in enumerate(reader, start=2):
+            if blank_mpp == "skip" and not (row["mpp"] or "").strip():
+                continue
             try:
                 mpp = float(row["mpp"])
             except (TypeError, ValueError):
@@ -134,15 +137,16 @@ def _group_split(recs: list[ImageRecord], n_val: int, seed: int) -> tuple[list[I
 class AnnotatedDataset:
     """Images and their training targets at the training mpp.
 
-    ``select`` is a split name ("train", "test") or the image names (or records) to use.
+    ``select`` is a split name ("train", "test") or the image names (or records) to use;
+    ``blank_mpp`` as in `read_splits`.
     Item ``i`` is a dict: "image" (H, W, 3) uint8 plus `make_targets`' arrays. With
     ``stain_ref`` images are stain-normalised on load. ``cache`` keeps items in memory.
     """
 
     def __init__(self, root: str | Path, select: str | Sequence[str | ImageRecord], mpp: float,
-                 cache: bool = True, stain_ref: stain.StainReference | None = None):
+                 cache: bool = True, stain_ref: stain.StainReference | None = None, blank_mpp: str = "error"):
         self.root, self.mpp, self.stain_ref = Path(root), float(mpp), stain_ref
-        records = read_splits(self.root)
+        records = read_splits(self.root, blank_mpp=blank_mpp)
         if isinstance(select, str):
             self.records = [r for r in records if r.split == select]
             if not self.records:

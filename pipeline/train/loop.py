@@ -70,20 +70,26 @@ def _save_state(path: Path, state: dict) -> None:
 
 def split_data(d: DataConfig, seed: int) -> tuple[list[str], list[str]]:
     """(train names, validation names) of one data set, carved from its train split only."""
-    records = [r for r in read_splits(d.root, d.group_by) if r.split == "train"]
+    records = [r for r in read_splits(d.root, d.group_by, d.blank_mpp) if r.split == "train"]
     if d.names:
         # A name outside the train split (a typo, or a test image) is an error, not skipped.
         unknown = sorted(set(d.names) - {r.name for r in records})
         if unknown:
             raise ValueError(f"data.names not in the train split of {d.root}: {unknown}")
         records = [r for r in records if r.name in set(d.names)]
+    if d.val_fraction == 0:  # an auxiliary set: all of it trains
+        return [r.name for r in records], []
     train, val = validation_split(records, fraction=d.val_fraction, seed=seed)
     return [r.name for r in train], [r.name for r in val]
 
 
 def split_records(cfg: TrainConfig) -> list[tuple[list[str], list[str]]]:
-    """(train names, validation names) per data set of ``cfg.data``, in order."""
-    return [split_data(d, cfg.train.seed) for d in cfg.data]
+    """(train names, validation names) per data set of ``cfg.data``, in order; ValueError
+    when no set holds any out (validation drives early stopping, the checkpoint and tuning)."""
+    splits = [split_data(d, cfg.train.seed) for d in cfg.data]
+    if not any(val for _, val in splits):
+        raise ValueError("no data set holds validation images out: give one a val_fraction > 0")
+    return splits
 
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
@@ -191,9 +197,10 @@ def _data(cfg: TrainConfig, log: Callable[[str], None]) -> tuple[list, PatchSamp
     for d, (train_names, val_names) in zip(cfg.data, splits):
         log(f"data {d.root}: {len(train_names)} train / {len(val_names)} validation images at {cfg.mpp} um/px"
             f" (weight {d.weight})")
-        train_sets.append(AnnotatedDataset(d.root, train_names, mpp=cfg.mpp))
-        val_ds = AnnotatedDataset(d.root, val_names, mpp=cfg.mpp)
-        val_batches += list(tiles(val_ds, patch=cfg.train.patch, batch_size=cfg.train.batch_size))
+        train_sets.append(AnnotatedDataset(d.root, train_names, mpp=cfg.mpp, blank_mpp=d.blank_mpp))
+        if val_names:
+            val_ds = AnnotatedDataset(d.root, val_names, mpp=cfg.mpp)
+            val_batches += list(tiles(val_ds, patch=cfg.train.patch, batch_size=cfg.train.batch_size))
     sampler = PatchSampler(train_sets, patch=cfg.train.patch,
                            seed=cfg.train.seed if cfg.train.sample_seed is None else cfg.train.sample_seed,
                            weights=[d.weight for d in cfg.data], aug=cfg.augment)

@@ -83,6 +83,28 @@ def test_trains_on_two_data_sets_through_the_config(shared_data, tmp_path):
     assert card["training"]["augment"]["scale"] == 0.2
 
 
+def test_an_auxiliary_set_trains_without_validation_or_scores(shared_data, tmp_path):
+    """dsb2018-he as an auxiliary set (``val_fraction: 0``, ``eval_split: null``, ``blank_mpp:
+    skip``): every train image with an mpp trains, none validates, and it is sampled."""
+    dsb = shared_data / "dsb2018-he"
+    raw = config(shared_data, tmp_path, train={"epochs": 1, "steps_per_epoch": 2, "batch_size": 4, "patch": 64})
+    aux = {"root": str(dsb), "val_fraction": 0, "eval_split": None, "weight": 1.0}
+    with pytest.raises(ValueError, match="mpp must be a positive number"):  # two rows have no mpp
+        training.split_records(TrainConfig.model_validate({**raw, "data": [raw["data"], aux]}))
+    cfg = TrainConfig.model_validate({**raw, "data": [raw["data"], {**aux, "blank_mpp": "skip"}]})
+    rows = (dsb / "splits.csv").read_text().splitlines()[1:]
+    with_mpp = [r.split(",")[0] for r in rows if r.split(",")[3].strip()]
+    assert 0 < len(with_mpp) < len(rows)
+    (_, _), (dsb_train, dsb_val) = training.split_records(cfg)
+    assert sorted(dsb_train) == sorted(with_mpp) and dsb_val == []
+    result, _ = quiet(cfg)
+    assert result["sampled"][str(dsb)] > 0
+    with pytest.raises(ValueError, match="eval_split"):  # the primary set's scores are the card's
+        TrainConfig.model_validate({**raw, "data": [aux, raw["data"]]})
+    with pytest.raises(ValueError, match="no data set holds validation"):
+        training.split_records(TrainConfig.model_validate({**raw, "data": [{**raw["data"], "val_fraction": 0}]}))
+
+
 def test_sample_seed_gives_new_batches_on_the_same_validation_images(shared_data, tmp_path):
     """A later round keeps its validation images (``seed``) but draws new patches
     (``sample_seed``); unset, the config key is what it was before the field (and ``ema``) existed."""
@@ -96,5 +118,5 @@ def test_sample_seed_gives_new_batches_on_the_same_validation_images(shared_data
     assert splits_a == splits_b
     assert not torch.equal(sampler_a.sample(2)["image"], sampler_b.sample(2)["image"])
     dumped = a.model_dump(exclude={"out", "device", "eval_tile_size", "tune_postprocess"})
-    del dumped["train"]["sample_seed"], dumped["train"]["ema"]
+    del dumped["train"]["sample_seed"], dumped["train"]["ema"], dumped["data"][0]["blank_mpp"]
     assert a.key() == config_hash(dumped) != b.key()
