@@ -28,12 +28,9 @@ from nucleiflow.pipeline.train.metrics import score_instances
 
 # min_mean_prob (drop objects the model is unsure of, `postprocess.labels.remove_unsure`)
 # pairs with a low prob_threshold: whole nuclei with their boundaries, faint blobs gone.
-_UNSURE = (0.0, 0.55, 0.6, 0.65, 0.7)
+_UNSURE = (0.0, 0.6, 0.65, 0.7)
 GRIDS: dict[str, dict[str, Sequence[float]]] = {
-    # 0.3 and 0.35: student round 7 chose 0.4, the grid's edge (on its 18 validation images
-    # 0.35 with min_mean_prob 0.6 scored (AJI + PQ) / 2 0.6315 against 0.6308, Dice 0.8205
-    # against 0.8184).
-    "hv": {"prob_threshold": (0.3, 0.35, 0.4, 0.5, 0.6), "marker_threshold": (0.35, 0.4, 0.45, 0.5),
+    "hv": {"prob_threshold": (0.4, 0.5, 0.6), "marker_threshold": (0.35, 0.4, 0.45, 0.5),
            "opening_radius": (1, 2), "min_mean_prob": _UNSURE},
     "marker": {"prob_threshold": (0.4, 0.5, 0.6), "marker_threshold": (0.3, 0.5, 0.7), "min_mean_prob": _UNSURE},
     "distance": {"prob_threshold": (0.4, 0.5, 0.6), "min_distance": (2, 3, 5), "min_mean_prob": _UNSURE},
