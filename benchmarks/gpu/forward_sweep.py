@@ -1,7 +1,7 @@
 """Model forward alone on one device: batch size x precision x memory layout, per checkpoint.
 
     python benchmarks/gpu/forward_sweep.py [--models student golo] [--batches 1 2 4 8 16]
-        [--modes fp16-cl fp32-cl bf16-cl fp16-nchw predictor] [--size 1152] [--device cuda]
+        [--modes predictor fp16-cl bf16-cl fp32-cl fp16-nchw] [--size 1152] [--device cuda]
         [--seconds 1.5] [--json FILE]
 
 What `segment` runs per batch is the `predictor` mode (`infer.predictor.Predictor`: uint8
@@ -80,7 +80,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["student", "golo"])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    p.add_argument("--modes", nargs="+", default=["fp16-cl", "fp32-cl", "bf16-cl", "fp16-nchw", "predictor"])
+    p.add_argument("--modes", nargs="+", default=["predictor", "fp16-cl", "bf16-cl", "fp32-cl", "fp16-nchw"])
     p.add_argument("--size", type=int, default=1152, help="tile edge in model px (tile + 2 x halo)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--seconds", type=float, default=1.5, help="timed calls per cell, about")

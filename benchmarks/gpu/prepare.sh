@@ -122,10 +122,11 @@ if [ "$CHECK" = 1 ]; then
   PY312=${PY312:-$HOME/.pyenv/versions/3.12.1/bin/python3.12}
   CHK=/tmp/nucleiflow-gpuprep-check
   rm -rf "$CHK" && mkdir -p "$CHK/have"
-  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    "${PLATFORMS[@]}" -d "$CHK/have" numpy pillow tifffile packaging pyyaml toolz \
-    cloudpickle fsspec click 2>&1 | grep -v "^WARNING: Location" || true
-  "$PY312" -m pip install -q --no-index --no-deps --no-compile --target "$CHK/site" "$CHK"/have/*.whl "$DEST"/wheels/*.whl
+  python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+    "${PLATFORMS[@]}" -d "$CHK/have" numpy pillow tifffile scipy scikit-image pyarrow packaging pyyaml \
+    toolz cloudpickle fsspec click 2>&1 | grep -v "^WARNING: Location" || true
+  "$PY312" -m pip install -q --no-index --no-deps --no-compile --target "$CHK/site" "$CHK"/have/*.whl
+  bash benchmarks/gpu/install.sh "$PY312" "$CHK/site"  # as run.sh does on the device
   mkdir -p "$CHK/data/monuseg/images"
   cp -r "$DEST/data/monuseg/labels" "$DEST/data/monuseg/splits.csv" "$CHK/data/monuseg/"
   PYTHONPATH="$CHK/site" "$PY312" - "$DEST/data/monuseg/images" "$CHK/data/monuseg/images" <<'EOF'
@@ -140,6 +141,11 @@ EOF
   PYTHONPATH="$CHK/site" "$PY312" - "$CHK/m.tiff" <<'EOF'
 import sys
 import dask.array, imagecodecs, numcodecs, openslide, pydantic, shapely, tifffile, zarr
+from importlib.metadata import version
+# The torch-free part of the package, through install.sh's links (torch has no cp312 wheel here).
+import nucleiflow.pipeline.config, nucleiflow.pipeline.slide.reader, nucleiflow.pipeline.slide.pyramid
+import nucleiflow.pipeline.outputs.omezarr, nucleiflow.pipeline.outputs.geoparquet
+import nucleiflow.pipeline.postprocess.watershed, nucleiflow.pipeline.postprocess.morphometry, nucleiflow.pipeline.batch.tile_parts
 s = openslide.OpenSlide(sys.argv[1])
 page = tifffile.TiffFile(sys.argv[1]).pages[0]
 fh = page.parent.filehandle
@@ -149,7 +155,8 @@ ref = __import__("numpy").asarray(s.read_region((0, 0), 0, (tile.shape[1], tile.
 print(f"check ok: python {sys.version.split()[0]}, openslide {openslide.__library_version__} "
       f"{s.dimensions}, tile {tile.shape} equal to OpenSlide's: {(tile == ref).all()}, zarr {zarr.__version__}, "
       f"numcodecs {numcodecs.__version__}, shapely {shapely.__version__}, pydantic {pydantic.__version__}, "
-      f"imagecodecs {imagecodecs.__version__} (jpeg8 {imagecodecs.JPEG8.available})")
+      f"imagecodecs {imagecodecs.__version__} (jpeg8 {imagecodecs.JPEG8.available}), "
+      f"nucleiflow {version('nucleiflow')} from {nucleiflow.pipeline.config.__file__}")
 EOF
   rm -rf "$CHK"
 fi

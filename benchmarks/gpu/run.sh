@@ -66,20 +66,10 @@ if [ "$DRY" = 1 ]; then
 else
   PY=${PY:-python3}  # the image's Python 3.12 with CUDA torch (/opt/torch/.venv)
   DEVICE=cuda
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check \
-    --target "$NF/site" .gpu/wheels/*.whl || { echo "wheel install failed"; exit 1; }
-  # This working tree as the `nucleiflow` package (an implicit namespace package whose
-  # subpackages are the repo's folders, as pyproject maps them), plus the metadata
-  # run.json's versions read: no build, no network.
-  mkdir -p "$NF/site/nucleiflow"
-  for d in pipeline models flows; do ln -sfn "$REPO/$d" "$NF/site/nucleiflow/$d"; done
-  version=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
-  mkdir -p "$NF/site/nucleiflow-$version.dist-info"
-  printf 'Metadata-Version: 2.1\nName: nucleiflow\nVersion: %s\n' "$version" \
-    >"$NF/site/nucleiflow-$version.dist-info/METADATA"
+  bash benchmarks/gpu/install.sh "$PY" "$NF/site" || { echo "install failed"; exit 1; }
   export PYTHONPATH=$NF/site
-  nvidia-smi
-  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit,temperature.gpu --format=csv
+  timeout 30 nvidia-smi
+  timeout 30 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit,temperature.gpu --format=csv
 fi
 "$PY" - <<'EOF' || { echo "imports failed"; exit 1; }
 import os, sys, torch, numpy, zarr, shapely, openslide, imagecodecs, tifffile, skimage, pydantic, dask
@@ -123,7 +113,7 @@ if [ "$DRY" = 1 ]; then
   SIZE=2000 SWEEP=(--size 128 --batches 1 2 --modes fp32-cl predictor --seconds 0.2)
   BENCH=(--threads 1) TRAIN=(--tiny)
 else
-  SIZE=24000 SWEEP=(--batches 1 4 8 16 --seconds 0.7) BENCH=() TRAIN=()
+  SIZE=24000 SWEEP=(--batches 1 4 8 16 --seconds 0.5) BENCH=() TRAIN=()
 fi
 CACHE=$NF/mosaics
 # Built in the background (one core, ~1-2 min for 24k^2) while the sweep has the GPU.

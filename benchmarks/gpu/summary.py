@@ -76,7 +76,8 @@ def training(out: Path, result: Path | None) -> None:
         return
     patches = t["epochs"] * loop["steps_per_epoch"] * loop["batch_size"]
     print(f"train: {t['epochs']} epochs x {loop['steps_per_epoch']} steps x {loop['batch_size']} patches "
-          f"({patches:,} patches) in {t['seconds']:.0f} s on {t['hardware']}; best val loss {t['best_val_loss']:.4f}")
+          f"({patches:,} patches) in {t['seconds']:.0f} s on {t['hardware']}: {patches / t['seconds']:.1f} patches/s "
+          f"(bundled round 7: 6,000 in 3,265 s on 1 CPU thread, 1.8/s); best val loss {t['best_val_loss']:.4f}")
     by_data = (card.get("metrics") or {}).get("by_data") or {}
     for name, m in by_data.items():
         mean = m.get("mean", m)
