@@ -118,7 +118,7 @@ echo "working tree without .gpu: $(awk -v b="$tree" 'BEGIN {printf "%.1f MiB", b
 
 if [ "$CHECK" = 1 ]; then
   # A device-like Python 3.12: the carried wheels plus cp312 stand-ins for what the image
-  # already has (numpy, pillow, tifffile), fetched from this machine's offline index.
+XX
   PY312=${PY312:-$HOME/.pyenv/versions/3.12.1/bin/python3.12}
   CHK=/tmp/nucleiflow-gpuprep-check
   rm -rf "$CHK" && mkdir -p "$CHK/have"

@@ -145,7 +145,7 @@ fi
 if want train; then
   # Minutes to train: what is left less ~2 min of data loading, scoring (new on both test
   # splits, old on MoNuSeg's) and writing. max_minutes is checked after each epoch.
-  minutes=$(awk -v s="$(left)" -v m="$TRAIN_MAX_MIN" 'BEGIN {t = (s - 120) / 60; if (t > m) t = m; printf "%.1f", t}')
+  minutes=$(awk -v s="$(left)" -v m="$TRAIN_MAX_MIN" 'BEGIN {t = (s - 120) / 60; if (t > m) t = m; if (t < 0.1) t = 0.1; printf "%.1f", t}')
   if [ "$DRY" = 1 ] || awk -v t="$minutes" 'BEGIN {exit !(t >= 1)}'; then
     rm -rf "$OUT/student-gpu" "$NF/train-work" "$NF/train-result.json"
     step train "$(left)" "$PY" benchmarks/gpu/train_gpu.py benchmarks/gpu/student-gpu.yaml \
