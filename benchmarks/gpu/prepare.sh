@@ -14,7 +14,10 @@
 # installs the wheels into a Python 3.12 folder and builds and reads a small mosaic with
 # them (no torch here for 3.12: the model side is only exercised by run.sh --cpu-dry-run).
 #
-#   bash benchmarks/gpu/prepare.sh [--check] [--no-data]
+#   bash benchmarks/gpu/prepare.sh [--check] [--bench-data]
+#
+# --bench-data: MoNuSeg's test images alone (4 MiB instead of 20), enough for the mosaic of
+# `run.sh sweep bench` but not for `train`: for when the tree has grown.
 #   QUALITY=90 SHARED=../shared PY=.venv/bin/python
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -22,11 +25,11 @@ SHARED=${SHARED:-../shared}
 PY=${PY:-.venv/bin/python}
 QUALITY=${QUALITY:-90}
 DEST=.gpu
-CHECK=0 DATA=1
+CHECK=0 BENCH_ONLY=0
 for a in "$@"; do
   case $a in
     --check) CHECK=1 ;;
-    --no-data) DATA=0 ;;
+    --bench-data) BENCH_ONLY=1 ;;
     *) echo "unknown argument $a" >&2; exit 2 ;;
   esac
 done
@@ -87,38 +90,40 @@ EOF
 mkdir -p "$DEST/shared/tools"
 cp "$SHARED/tools/mosaic_slide.py" "$DEST/shared/tools/"
 
-if [ "$DATA" = 1 ]; then
-  rm -rf "$DEST/data"
-  for ds in monuseg tnbc; do
-    mkdir -p "$DEST/data/$ds/images" "$DEST/data/$ds/labels"
-    cp "$SHARED/data/$ds/splits.csv" "$DEST/data/$ds/"
-    cp "$SHARED/data/$ds"/labels/*.png "$DEST/data/$ds/labels/"
-  done
-  # JPEG, not PNG: lossless WebP would still be 60 MB for MoNuSeg alone. Training already
-  # sees JPEG re-encoding (augment.jpeg_p); scores on these images are compared with the
-  # bundled model's on the same images in the same run, and the checkpoint that comes back
-  # can be scored on the PNGs here.
-  "$PY" - "$SHARED/data" "$DEST/data" "$QUALITY" <<'EOF'
-import sys
+rm -rf "$DEST/data"
+for ds in monuseg tnbc; do
+  mkdir -p "$DEST/data/$ds/images" "$DEST/data/$ds/labels"
+  cp "$SHARED/data/$ds/splits.csv" "$DEST/data/$ds/"
+  cp "$SHARED/data/$ds"/labels/*.png "$DEST/data/$ds/labels/"
+done
+# JPEG, not PNG: lossless WebP would still be 60 MB for MoNuSeg alone. Training already
+# sees JPEG re-encoding (augment.jpeg_p); scores on these images are compared with the
+# bundled model's on the same images in the same run, and the checkpoint that comes back
+# can be scored on the PNGs here.
+"$PY" - "$SHARED/data" "$DEST/data" "$QUALITY" "$BENCH_ONLY" <<'EOF'
+import csv, sys
 from pathlib import Path
 from PIL import Image
-src, dst, q = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+src, dst, q, bench_only = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
 for ds in ("monuseg", "tnbc"):
-    for p in sorted((src / ds / "images").glob("*.png")):
-        Image.open(p).convert("RGB").save(dst / ds / "images" / (p.stem + ".jpg"), quality=q)
+    for row in csv.DictReader(open(src / ds / "splits.csv")):
+        if bench_only and (ds, row["split"]) != ("monuseg", "test"):
+            continue  # mosaic_slide.py reads the test split's rows alone
+        image = Image.open(src / ds / "images" / f"{row['name']}.png").convert("RGB")
+        image.save(dst / ds / "images" / f"{row['name']}.jpg", quality=q)
 EOF
-fi
 
 mib() { du -sb "$@" | awk '{s += $1} END {printf "%.1f MiB", s / 2^20}'; }
 tree=$(git ls-files -co --exclude-standard -z | du -cb --files0-from=- | tail -1 | cut -f1)
 echo "wheels: $(ls "$DEST"/wheels/*.whl | wc -l) files, $(mib "$DEST/wheels")"
-[ -d "$DEST/data" ] && echo "data:   $(mib "$DEST/data")"
+echo "data:   $(mib "$DEST/data")$([ "$BENCH_ONLY" = 1 ] && echo ' (MoNuSeg test only: no training)')"
 echo "working tree without .gpu: $(awk -v b="$tree" 'BEGIN {printf "%.1f MiB", b / 2^20}');" \
   "with it: $(du -sb "$DEST" | awk -v b="$tree" '{printf "%.1f MiB", (b + $1) / 2^20}') (limit 64 MiB)"
 
 if [ "$CHECK" = 1 ]; then
   # A device-like Python 3.12: the carried wheels plus cp312 stand-ins for what the image
-XX
+  # already has (numpy, scipy, scikit-image, pillow, tifffile, pyarrow, ...), fetched from
+  # this machine's offline index into /tmp (not carried).
   PY312=${PY312:-$HOME/.pyenv/versions/3.12.1/bin/python3.12}
   CHK=/tmp/nucleiflow-gpuprep-check
   rm -rf "$CHK" && mkdir -p "$CHK/have"
