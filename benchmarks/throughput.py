@@ -1,8 +1,8 @@
 """Whole-slide throughput and peak memory of `segment_slide` as the slide grows.
 
     python benchmarks/throughput.py [--sizes 4000 8000 16000 24000] [--model student]
-        [--device auto] [--tile-size 1024] [--halo 64] [--batch-size 4] [--readers 1]
-        [--workers 1] [--threads N] [--cache DIR] [--json FILE]
+        [--device auto] [--tile-size 1024] [--halo 64] [--batch-size 4] [--readers 1|auto]
+        [--workers 1|auto] [--threads N] [--cache DIR] [--json FILE]
 
 Builds (once, cached under --cache) square mosaic slides of MoNuSeg test tiles at
 0.25 um/px with ../shared/tools/mosaic_slide.py (1000 px cells, --tissue of them tissue),
@@ -26,6 +26,10 @@ stream, the main process's own time in the writers (instrumented here), and peak
   tree MB      peak of the summed RSS of the process and all its descendants, sampled every
                0.1 s with psutil (shared pages counted once per process: an upper bound),
                and each descendant's own sampled peak.
+
+On CUDA, "GPU busy" is the mean of NVML's utilisation sampled every 0.1 s during the run
+(`GpuBusy`; needs nvidia-ml-py): the share of wall time in which a kernel ran. "model busy"
+is the host's view: seconds in the Predictor (copies, forward, dense maps) over the stream.
 
 Per slide, "post-process hidden" = post-process seconds per worker <= model seconds, and
 "stream bound by" names the longest of model, read / readers, post-process / workers and
@@ -118,6 +122,55 @@ class TreeRSS:
         self._stop.set()
         self._thread.join()
         self._sample()
+
+
+class GpuBusy:
+    """Samples the GPU's utilisation through NVML (nvidia-ml-py) every ``interval`` s in a thread.
+
+    NVML's ``utilization.gpu`` is the share of its last sample period (1/6 s to 1 s by
+    card) in which at least one kernel ran: the mean over the run is the share of wall time
+    the GPU was busy. Not a measure of how full the GPU was while busy. ``mean`` is None
+    where there is no NVML or no CUDA device (CPU runs).
+    """
+
+    def __init__(self, device, interval: float = 0.1) -> None:
+        self.samples: list[int] = []
+        self.mem_peak_mb = 0.0
+        self.interval, self.handle = interval, None
+        self._stop = threading.Event()
+        if getattr(device, "type", None) == "cuda":
+            try:
+                import pynvml
+
+                pynvml.nvmlInit()
+                self.nvml = pynvml
+                self.handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+            except Exception as e:  # no nvidia-ml-py, or no driver: the run goes on without it
+                print(f"note: no GPU utilisation samples ({e})", file=sys.stderr)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.samples.append(self.nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu)
+                self.mem_peak_mb = max(self.mem_peak_mb, self.nvml.nvmlDeviceGetMemoryInfo(self.handle).used / 2**20)
+            except Exception as e:  # an NVML error ends the sampling, not the run
+                print(f"note: GPU sampling stopped ({e})", file=sys.stderr)
+                return
+
+    @property
+    def mean(self) -> float | None:
+        return sum(self.samples) / len(self.samples) / 100 if self.samples else None
+
+    def __enter__(self) -> GpuBusy:
+        if self.handle is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
 
 
 def instrument_writers() -> tuple[dict[str, float], dict[str, int]]:
@@ -217,7 +270,7 @@ def child(spec: dict) -> dict:
     job = SlideJob(spec["slide"], Path(spec["slide"]).stem)
     out = Path(tempfile.mkdtemp(prefix="nucleiflow-bench-"))
     try:
-        with TreeRSS() as tree:
+        with TreeRSS() as tree, GpuBusy(predictor.device) as gpu:
             t0 = time.perf_counter()
             rec = segment_slide(job, out, cfg, predictor, mhash, log=log)
             wall = time.perf_counter() - t0
@@ -244,6 +297,11 @@ def child(spec: dict) -> dict:
         "self_maxrss_mb": ru_self.ru_maxrss / 1024, "children_maxrss_mb": ru_children.ru_maxrss / 1024,
         "tree_peak_mb": tree.peak / 2**20, "self_peak_sampled_mb": tree.peak_self / 2**20,
         "descendant_peaks_mb": sorted((v / 2**20 for v in tree.peak_by_pid.values()), reverse=True),
+        "slide_mpp": SLIDE_MPP, "tissue_mm2": rec.get("tissue_mm2"), "gpu_busy": gpu.mean, "gpu_samples": len(gpu.samples),
+        "gpu_util_samples": gpu.samples, "gpu_sample_interval_s": gpu.interval,
+        "gpu_mem_peak_mb": gpu.mem_peak_mb or None,
+        "cuda_max_allocated_mb": torch.cuda.max_memory_allocated() / 2**20 if predictor.cuda else None,
+        "pools": rec.get("pools"),
     }
 
 
@@ -256,6 +314,10 @@ def run_child(spec: dict) -> dict:
         return json.loads(result.read_text())
 
 
+def pool_arg(v: str) -> int | str:
+    return v if v == "auto" else int(v)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[4000, 8000, 16000, 24000],
@@ -265,8 +327,8 @@ def main() -> None:
     p.add_argument("--tile-size", type=int, default=1024)
     p.add_argument("--halo", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--readers", type=int, default=1)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--readers", type=pool_arg, default=1, help="reader processes, or auto (`infer.pools`)")
+    p.add_argument("--workers", type=pool_arg, default=1, help="post-process processes, or auto")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads in the run (0 = torch default)")
     p.add_argument("--tissue", type=float, default=0.5, help="fraction of mosaic cells with tissue")
     p.add_argument("--seed", type=int, default=1)
@@ -293,7 +355,8 @@ def main() -> None:
     for slide in slides:
         print(f"segmenting {slide.name} ...", file=sys.stderr, flush=True)
         r = run_child({**base, "slide": str(slide)})
-        r.update(readers=a.readers, workers=a.workers)
+        pools = r.get("pools") or {}  # run.json's: what `auto` resolved to
+        r.update(readers=pools.get("readers", a.readers), workers=pools.get("workers", a.workers))
         r["d"] = derive(r)
         results.append(r)
         if r["tiles_replanned"] != r["tiles"]:
@@ -302,14 +365,14 @@ def main() -> None:
 
     r0 = results[0]
     print(f"model {a.model}, device {r0['device']} ({r0['torch_threads']} torch threads), model mpp "
-          f"{r0['model_mpp']}, tile {a.tile_size} + halo {a.halo}, batch {a.batch_size}, readers {a.readers}, "
-          f"workers {a.workers}, {os.cpu_count()} CPUs; warm-up batch {r0['warmup_s']:.2f} s (not counted)")
+          f"{r0['model_mpp']}, tile {a.tile_size} + halo {a.halo}, batch {a.batch_size}, readers {r0['readers']}, "
+          f"workers {r0['workers']}, {os.cpu_count()} CPUs; warm-up batch {r0['warmup_s']:.2f} s (not counted)")
     print("rates are per segment_slide wall second; 'planned' = tissue tile cores in model px; "
           "stage seconds from run.json timings_s (tiles_read / tiles_postprocess are summed over processes)")
     print()
     print(table(results))
     print()
-    comps = comparisons(results)
+    comps = comparisons(results) if len(results) > 1 else {}
     for title, rows in comps.items():
         print(title)
         for name, v, note in rows:

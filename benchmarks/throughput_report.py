@@ -18,6 +18,9 @@ def derive(r: dict) -> dict:
         "planned_mpx": r["planned_model_px"] / 1e6,
         "planned_mpx_s": r["planned_model_px"] / 1e6 / w,
         "level0_mpx_s": r["width"] * r["height"] / 1e6 / w,
+        # Seconds per mm2 of slide, and of tissue (run.json's tissue_mm2: the mosaic's islands).
+        "s_per_mm2": w / (r["width"] * r["height"] * (r.get("slide_mpp", 0.25) * 1e-3) ** 2),
+        "s_per_tissue_mm2": w / r["tissue_mm2"] if r.get("tissue_mm2") else float("nan"),
         "nuclei_s": r["nuclei"] / w,
         "model_busy": model / stream,
         "main_other_s": stream - model - writes,
@@ -28,6 +31,8 @@ def derive(r: dict) -> dict:
 
 
 def fmt(v) -> str:
+    if v is None:
+        return "-"
     if isinstance(v, bool):
         return "yes" if v else "NO"
     if isinstance(v, int):
@@ -49,6 +54,7 @@ def table(results: list[dict]) -> str:
         ("level-0 Mpx", [r["d"]["level0_mpx"] for r in results]),
         ("model px (whole slide) Mpx", [r["model_px"] / 1e6 for r in results]),
         ("tissue fraction", [r["tissue_fraction"] for r in results]),
+        ("tissue mm2", [r.get("tissue_mm2") for r in results]),
         ("planned (tissue) model Mpx", [r["d"]["planned_mpx"] for r in results]),
         ("tiles", [r["tiles"] for r in results]),
         ("nuclei", [r["nuclei"] for r in results]),
@@ -57,7 +63,15 @@ def table(results: list[dict]) -> str:
         ("planned model Mpx/s", [r["d"]["planned_mpx_s"] for r in results]),
         ("level-0 Mpx/s", [r["d"]["level0_mpx_s"] for r in results]),
         ("nuclei/s", [r["d"]["nuclei_s"] for r in results]),
+        ("s / mm2 slide", [r["d"]["s_per_mm2"] for r in results]),
+        ("s / mm2 tissue", [r["d"]["s_per_tissue_mm2"] for r in results]),
     ]
+    if any(r.get("gpu_busy") is not None for r in results):  # CUDA runs with NVML
+        rows += [
+            ("GPU busy (NVML, share of wall)", [r.get("gpu_busy") for r in results]),
+            ("GPU memory used peak MB (NVML)", [r.get("gpu_mem_peak_mb") for r in results]),
+            ("torch max allocated MB", [r.get("cuda_max_allocated_mb") for r in results]),
+        ]
     rows += [(f"  {k} s", [r["timings_s"].get(k, float("nan")) for r in results]) for k in stages]
     rows += [(f"  {k} s (main, instr.)", [r["main_writes_s"][k] for r in results])
              for k in results[0]["main_writes_s"]]
