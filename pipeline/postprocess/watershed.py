@@ -31,7 +31,7 @@ from nucleiflow.pipeline.postprocess.flood import seeded_flood
 # hv_edge, hv_energy are looked up here at call time: benchmarks/ceiling_child.py times them
 # by patching these names.
 from nucleiflow.pipeline.postprocess.edge_map import dense_windows, edge_setup, hv_edge, hv_energy
-from nucleiflow.pipeline.postprocess.labels import remove_small, remove_small_fg, remove_unsure
+from nucleiflow.pipeline.postprocess.labels import remove_small_fg, remove_unsure
 
 #: Every method's mask threshold on the NP probability when a card leaves it unset.
 DEFAULT_PROB_THRESHOLD = 0.5
@@ -66,8 +66,9 @@ def _foreground(prob: np.ndarray, threshold: float, min_size: int) -> tuple[np.n
     prob = np.asarray(prob)
     if prob.ndim != 2:
         raise ValueError(f"prob must be (H, W), got shape {prob.shape}")
-    components, _ = ndi.label(prob >= threshold, structure=_CONN8)
-    components, fg = remove_small_fg(components, min_size)
+    raw = prob >= threshold
+    components, _ = ndi.label(raw, structure=_CONN8)
+    components, fg = remove_small_fg(components, min_size, where=raw)
     return components > 0, components, fg
 
 
@@ -161,7 +162,7 @@ def hv_watershed(
     if opening_radius > 0:
         markers = open_disk(markers, opening_radius)
     seeds, _ = ndi.label(markers, structure=_CONN8)
-    seeds = remove_small(seeds, min_size)
+    seeds, _ = remove_small_fg(seeds, min_size, where=markers)
     return _seeded_watershed(energy, seeds, mask, components, fg)
 
 
