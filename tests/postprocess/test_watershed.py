@@ -241,6 +241,13 @@ def test_fill_holes_is_scipys_binary_fill_holes():
     filled = _fill_holes(rings)
     assert filled[2:5, 2:5].all() and not filled[2:5, 9:12].any()
     assert np.array_equal(filled & ~rings, np.pad(np.ones((3, 3), bool), ((2, 2), (2, 9))))
+    # One background part reaching the edge (the comparison path), two (the lookup path), none.
+    split = rings.copy()
+    split[:, 7] = True
+    for m in (rings, split, np.ones((4, 5), bool), np.zeros((4, 5), bool)):
+        assert np.array_equal(_fill_holes(m), ndi.binary_fill_holes(m))
+    background, n = ndi.label(~split)
+    assert n == 4 and _fill_holes(split)[2:5, 8:12].all()  # left, right of the bar; two holes
     rng = np.random.default_rng(0)
     for _ in range(100):
         m = rng.random((int(rng.integers(1, 30)), int(rng.integers(1, 30)))) < rng.random()
