@@ -39,6 +39,13 @@ def relabel_consecutive(labels: np.ndarray, dtype: type = np.int32) -> np.ndarra
     return out.reshape(labels.shape)
 
 
+def object_pixels(labels: np.ndarray) -> np.ndarray:
+    """``np.flatnonzero(labels)``: raveled indices (ascending int64) of the object pixels of
+    ``labels`` (H, W) int. Found on a bool copy: NumPy's nonzero scans int32 ~2.5x slower
+    than bool, more than the comparison costs (issue 13)."""
+    return np.flatnonzero(np.asarray(labels).ravel() != 0)
+
+
 def remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
     """Zero every object of ``labels`` (H, W) non-negative ints with fewer than ``min_size`` px.
 
@@ -58,7 +65,7 @@ def remove_small_fg(labels: np.ndarray, min_size: int,
     """
     if where is None:
         out = np.asarray(labels).astype(np.int32, copy=True)
-        fg = np.flatnonzero(out)
+        fg = object_pixels(out)
     else:
         if labels.dtype != np.int32 or where.shape != labels.shape or not labels.flags.c_contiguous:
             raise ValueError("where needs a C-contiguous int32 labelling of its shape")
@@ -91,7 +98,7 @@ def remove_unsure(labels: np.ndarray, prob: np.ndarray, min_mean_prob: float) ->
         return labels.astype(np.int32, copy=False)
     # On the object pixels alone (a tile is mostly background): each bin's sum adds the
     # same values in the same (raster) order as a whole-array bincount, so the same bits.
-    fg = np.flatnonzero(labels)
+    fg = object_pixels(labels)
     lab = labels.ravel()[fg].astype(np.intp, copy=False)
     area = np.bincount(lab, minlength=n + 1)
     total = np.bincount(lab, weights=np.asarray(prob).ravel()[fg].astype(np.float64), minlength=n + 1)

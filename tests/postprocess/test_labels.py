@@ -131,3 +131,13 @@ def test_remove_small_fg_in_place_on_a_fresh_labelling():
         remove_small_fg(lab.astype(np.int64), 3, where=mask)
     with pytest.raises(ValueError):
         remove_small_fg(lab[:, ::2], 3, where=mask[:, ::2])
+
+
+def test_object_pixels_is_flatnonzero():
+    from nucleiflow.pipeline.postprocess.labels import object_pixels
+
+    lab = np.random.default_rng(7).integers(-1, 3, (9, 11)) * (np.arange(11) % 3 > 0)
+    for a in (lab, lab.astype(np.int32), lab > 0, lab[:, ::2], np.zeros((0, 4), np.int32)):
+        got = object_pixels(a)
+        assert got.dtype == np.intp
+        np.testing.assert_array_equal(got, np.flatnonzero(a))
