@@ -146,7 +146,7 @@ def dense_windows(mask: np.ndarray, margin: int, band: int = BAND) -> list[tuple
     to the array) and, inside the window's own coordinates, its inner part, whose pixels are
     all ``>= margin`` px from any window edge that is not the array's edge. A filter with
     scipy's "mirror" border run on the window is then exact on the inner part, and the inner
-    parts tile a superset of the mask. Bands of ``band`` rows, each cut into runs of columns
+    parts cover the mask. Bands of ``band`` rows, each cut into runs of columns
     holding mask pixels (runs closer than 2 ``margin`` px merged: a window edge costs that much).
     """
     h, w = mask.shape
