@@ -179,6 +179,7 @@ class OmeZarrWriter:
         root.attrs.update(multiscales("nuclear probability", mpps, "mean"))
         self._root = root
         self._held: OrderedDict[tuple[int, int, int, int], np.ndarray] = OrderedDict()
+        self._stored: set[tuple[str, tuple[int, int, int, int]]] = set()  # level-0 chunks written (`_put`)
         cols = math.ceil(self.shape[1] / self.chunk)
         self._hold = max(1, min(cols + 2, HELD_BYTES // (4 * self.chunk**2)))
 
@@ -192,6 +193,10 @@ class OmeZarrWriter:
             fill_value=0,
             compressors=numcodecs.Blosc(cname=cname, clevel=clevel, shuffle=shuffle),
             chunk_key_encoding=_KEYS,
+            # zarr's own all-fill check cost ~2 ms per 1024^2 chunk, more than encoding it
+            # (issue 13); every writer here skips all-zero chunks itself (`_put`, `downsample`,
+            # `upsample_into`), so chunks of pure background still stay absent.
+            config={"write_empty_chunks": True},
         )
 
     def _check(self, box: tuple[int, int, int, int], data: np.ndarray | None) -> None:
@@ -213,12 +218,22 @@ class OmeZarrWriter:
         box = _box(tile_core)
         for data in (labels_core, prob_core):
             self._check(box, data)
-        x0, y0, x1, y1 = box
         if labels_core is not None:
             self._held.pop(box, None)
-            self.labels[0][y0:y1, x0:x1] = _to_int32(labels_core)
+            self._put(self.labels[0], box, _to_int32(labels_core))
         if prob_core is not None:
-            self.prob[0][y0:y1, x0:x1] = prob_to_uint8(prob_core)
+            self._put(self.prob[0], box, prob_to_uint8(prob_core))
+
+    def _put(self, array: zarr.Array, box: tuple[int, int, int, int], data: np.ndarray) -> None:
+        """Store ``data`` as the level-0 chunk ``box`` of ``array`` (self.labels[0] or self.prob[0]).
+        An all-zero chunk never stored before stays absent (it reads as the fill value 0), as
+        zarr's ``write_empty_chunks=False`` would leave it; one stored before is overwritten."""
+        key = (array.path, box)
+        if key not in self._stored and not data.any():
+            return
+        self._stored.add(key)
+        x0, y0, x1, y1 = box
+        array[y0:y1, x0:x1] = data
 
     # Merger calls (tiles.stitch; `layout.SlideOutputs` adds the table): whole-chunk reads and writes from the one main process.
     def read_labels(self, box: Any) -> np.ndarray:
@@ -240,8 +255,8 @@ class OmeZarrWriter:
             self._store_held()
 
     def _store_held(self) -> None:
-        (x0, y0, x1, y1), labels = self._held.popitem(last=False)
-        self.labels[0][y0:y1, x0:x1] = labels
+        box, labels = self._held.popitem(last=False)
+        self._put(self.labels[0], box, labels)
 
     def write_prob(self, box: Any, prob: np.ndarray) -> None:
         self.write_tile(box, None, prob)

@@ -15,6 +15,12 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     array's edge is filled. One labelling pass instead of scipy's iterated dilation."""
     background, _ = ndi.label(~mask)  # scipy's default (cross) structure, as fill_holes uses
     edge = np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]])
+    touching = np.unique(edge)
+    touching = touching[touching > 0]
+    if len(touching) == 1:
+        # One background component reaches the edge (a tile's usual case): everything else is
+        # the mask or a hole. One comparison instead of a lookup per pixel: ~4x cheaper.
+        return background != touching[0]
     outside = np.zeros(int(background.max()) + 1, bool)
     outside[edge] = True
     outside[0] = True  # label 0 is the mask itself

@@ -131,3 +131,35 @@ def hv_energy(prob: np.ndarray, edge: np.ndarray, prob_threshold: float,
     energy = separable(energy, BLUR, BLUR)
     np.negative(energy, out=energy)
     return energy, edge < marker_threshold
+
+
+#: Rows per band of `dense_windows`: taller bands mean fewer, wider windows (less per-call
+#: overhead, more pixels far from any mask pixel).
+BAND = 96
+
+
+def dense_windows(mask: np.ndarray, margin: int, band: int = BAND) -> list[tuple[slice, slice, slice, slice]]:
+    """Windows that cover every ``True`` pixel of ``mask`` (H, W) bool, for maps whose value at
+    a pixel reads the input within ``margin`` px (a separable filter's radius).
+
+    Returns ``(rows, cols, inner_rows, inner_cols)`` slices: the window to compute on (clipped
+    to the array) and, inside the window's own coordinates, its inner part, whose pixels are
+    all ``>= margin`` px from any window edge that is not the array's edge. A filter with
+    scipy's "mirror" border run on the window is then exact on the inner part, and the inner
+    parts cover the mask. Bands of ``band`` rows, each cut into runs of columns
+    holding mask pixels (runs closer than 2 ``margin`` px merged: a window edge costs that much).
+    """
+    h, w = mask.shape
+    out = []
+    for y0 in range(0, h, band):
+        y1 = min(y0 + band, h)
+        cols = np.flatnonzero(mask[y0:y1].any(axis=0))
+        if cols.size == 0:
+            continue
+        cut = np.flatnonzero(np.diff(cols) > 2 * margin)  # gaps worth two window edges
+        starts, ends = cols[np.r_[0, cut + 1]], cols[np.r_[cut, cols.size - 1]] + 1
+        wy0, wy1 = max(y0 - margin, 0), min(y1 + margin, h)
+        for x0, x1 in zip(starts.tolist(), ends.tolist()):
+            wx0, wx1 = max(x0 - margin, 0), min(x1 + margin, w)
+            out.append((slice(wy0, wy1), slice(wx0, wx1), slice(y0 - wy0, y1 - wy0), slice(x0 - wx0, x1 - wx0)))
+    return out

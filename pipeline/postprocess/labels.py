@@ -39,6 +39,13 @@ def relabel_consecutive(labels: np.ndarray, dtype: type = np.int32) -> np.ndarra
     return out.reshape(labels.shape)
 
 
+def object_pixels(labels: np.ndarray) -> np.ndarray:
+    """``np.flatnonzero(labels)``: raveled indices (ascending int64) of the object pixels of
+    ``labels`` (H, W) int. Found on a bool copy: NumPy's nonzero scans int32 ~2.5x slower
+    than bool, more than the comparison costs (issue 13)."""
+    return np.flatnonzero(np.asarray(labels).ravel() != 0)
+
+
 def remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
     """Zero every object of ``labels`` (H, W) non-negative ints with fewer than ``min_size`` px.
 
@@ -47,14 +54,25 @@ def remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
     return remove_small_fg(labels, min_size)[0]
 
 
-def remove_small_fg(labels: np.ndarray, min_size: int) -> tuple[np.ndarray, np.ndarray]:
+def remove_small_fg(labels: np.ndarray, min_size: int,
+                    where: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """`remove_small`, and the raveled indices (ascending int64) of the object pixels left,
-    which it finds anyway: a caller that needs them saves a whole-array pass."""
-    out = np.asarray(labels).astype(np.int32, copy=True)
+    which it finds anyway: a caller that needs them saves a whole-array pass.
+
+    ``where``: (H, W) bool, ``labels > 0``, when ``labels`` is a fresh int32 labelling of it
+    (`ndi.label(where)`) that the caller gives up: it is then cleaned in place, and its pixels
+    found on the bool mask (twice as fast as on int32: issue 13). Returns (int32 (H, W), (n,)).
+    """
+    if where is None:
+        out = np.asarray(labels).astype(np.int32, copy=True)
+        fg = object_pixels(out)
+    else:
+        if labels.dtype != np.int32 or where.shape != labels.shape or not labels.flags.c_contiguous:
+            raise ValueError("where needs a C-contiguous int32 labelling of its shape")
+        out, fg = labels, np.flatnonzero(where)
     # On the object pixels alone: a tile's mask is mostly background, and a whole-array
     # bincount and gather cost ~3x this (issue 13).
     flat = out.ravel()
-    fg = np.flatnonzero(flat)
     if min_size <= 1 or fg.size == 0:
         return out, fg
     lab = flat[fg]
@@ -80,7 +98,7 @@ def remove_unsure(labels: np.ndarray, prob: np.ndarray, min_mean_prob: float) ->
         return labels.astype(np.int32, copy=False)
     # On the object pixels alone (a tile is mostly background): each bin's sum adds the
     # same values in the same (raster) order as a whole-array bincount, so the same bits.
-    fg = np.flatnonzero(labels)
+    fg = object_pixels(labels)
     lab = labels.ravel()[fg].astype(np.intp, copy=False)
     area = np.bincount(lab, minlength=n + 1)
     total = np.bincount(lab, weights=np.asarray(prob).ravel()[fg].astype(np.float64), minlength=n + 1)

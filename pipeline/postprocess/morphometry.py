@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import shapely
 
-from nucleiflow.pipeline.postprocess.labels import nucleus_ids
+from nucleiflow.pipeline.postprocess.labels import nucleus_ids, object_pixels
 from nucleiflow.pipeline.postprocess.outlines import rings
 from nucleiflow.pipeline.postprocess.subpixel import follow_probability
 
@@ -65,9 +65,8 @@ def moments(labels: np.ndarray, second: bool = False) -> tuple[np.ndarray, ...]:
     index, y = row index. Float bincounts of integer weights are exact below 2**53, so the
     sums (and products of them, see ``_shape``) are exact integers.
     """
-    flat = labels.ravel()
-    fg = np.flatnonzero(flat)
-    return _moments(flat[fg], fg, labels.shape[1], second)
+    fg = object_pixels(labels)
+    return _moments(labels.ravel()[fg], fg, labels.shape[1], second)
 
 
 def _moments(lab: np.ndarray, fg: np.ndarray, width: int, second: bool) -> tuple[np.ndarray, ...]:
@@ -228,7 +227,7 @@ def nuclei_table(
         if arr is not None and np.shape(arr)[-2:] != labels.shape:
             raise ValueError(f"{name} shape {np.shape(arr)} does not match labels {labels.shape}")
     classes, border = type_prob is not None, border_labels is not None
-    fg = np.flatnonzero(labels.ravel())
+    fg = object_pixels(labels)
     fg_labels = labels.ravel()[fg]
     present, *sums = _moments(fg_labels, fg, labels.shape[1], second=True)
     kept = _select(present, keep)
@@ -321,7 +320,7 @@ def perimeters(labels: np.ndarray, kept: np.ndarray, fg: np.ndarray | None = Non
     w = labels.shape[1]
     lab = np.pad(labels, 1).ravel()  # outside the array counts as "not k", as binary_erosion's border_value=0
     # On the object pixels alone (a tile is mostly background): raveled indices into ``lab``.
-    fg = np.flatnonzero(lab) if fg is None else fg + 2 * (fg // w) + w + 3
+    fg = object_pixels(lab) if fg is None else fg + 2 * (fg // w) + w + 3
     own = lab[fg]
     is_kept = np.zeros(int(own.max(initial=0)) + 1, bool)
     is_kept[kept[kept < len(is_kept)]] = True

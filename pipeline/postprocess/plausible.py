@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from nucleiflow.pipeline.postprocess.labels import object_pixels
 from nucleiflow.pipeline.postprocess.morphometry import moments
 
 MAX_NUCLEUS_UM2 = 500.0  # 1.5x the largest annotated nucleus: bigger blobs are ink, folds, borders
@@ -31,7 +32,7 @@ def mean_hsv(labels: np.ndarray, rgb: np.ndarray, ids: np.ndarray) -> np.ndarray
     """Mean colour of each object of ``ids`` in ``labels`` (H, W) over ``rgb`` (H, W, 3)
     uint8, as (len(ids), 3) float64 hue in degrees [0, 360), saturation and value in [0, 1]."""
     flat = labels.ravel()
-    fg = np.flatnonzero(flat)  # only object pixels: a window is mostly background
+    fg = object_pixels(flat)  # only object pixels: a window is mostly background
     lab, px = flat[fg], rgb.reshape(-1, 3)[fg].astype(np.float64)
     n = np.bincount(lab, minlength=int(ids.max(initial=0)) + 1).astype(np.float64)
     means = np.stack([np.bincount(lab, weights=px[:, c], minlength=n.size)[ids] for c in range(3)], 1)

@@ -88,21 +88,25 @@ class TiffTiles:
     def _region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         page = self.pages[level]
         W, H, tw, th = page.imagewidth, page.imagelength, page.tilewidth, page.tilelength
-        out = np.full((h, w, 3), WHITE, np.uint8)
         x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)
         if x0 >= x1 or y0 >= y1:
-            return out
+            return np.full((h, w, 3), WHITE, np.uint8)
         across = -(-W // tw)
+        cells = [(ty, tx) for ty in range(y0 // th, (y1 - 1) // th + 1) for tx in range(x0 // tw, (x1 - 1) // tw + 1)]
+        # White only where no tile paints: inside the level with every tile written (the
+        # usual window), the tiles cover it all and filling it first is a wasted pass.
+        covered = (x0, y0, x1, y1) == (x, y, x + w, y + h) and all(
+            page.databytecounts[ty * across + tx] for ty, tx in cells)
+        out = np.empty((h, w, 3), np.uint8) if covered else np.full((h, w, 3), WHITE, np.uint8)
         fh = self.tiff.filehandle
-        for ty in range(y0 // th, (y1 - 1) // th + 1):
-            for tx in range(x0 // tw, (x1 - 1) // tw + 1):
-                index = ty * across + tx
-                tile = self._tile(level, page, index, fh)
-                if tile is None:  # a tile never written: OpenSlide shows it as transparent, i.e. white
-                    continue
-                cx0, cy0 = max(x0, tx * tw), max(y0, ty * th)
-                cx1, cy1 = min(x1, (tx + 1) * tw), min(y1, (ty + 1) * th)
-                out[cy0 - y:cy1 - y, cx0 - x:cx1 - x] = tile[cy0 - ty * th:cy1 - ty * th, cx0 - tx * tw:cx1 - tx * tw]
+        for ty, tx in cells:
+            index = ty * across + tx
+            tile = self._tile(level, page, index, fh)
+            if tile is None:  # a tile never written: OpenSlide shows it as transparent, i.e. white
+                continue
+            cx0, cy0 = max(x0, tx * tw), max(y0, ty * th)
+            cx1, cy1 = min(x1, (tx + 1) * tw), min(y1, (ty + 1) * th)
+            out[cy0 - y:cy1 - y, cx0 - x:cx1 - x] = tile[cy0 - ty * th:cy1 - ty * th, cx0 - tx * tw:cx1 - tx * tw]
         return out
 
     def _tile(self, level: int, page: tifffile.TiffPage, index: int, fh) -> np.ndarray | None:

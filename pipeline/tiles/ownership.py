@@ -168,11 +168,13 @@ def own_tile(tile: Tile, labels: np.ndarray, prob: np.ndarray, plan: TilePlan,
     owned = centroid_in(n, sx, sy, core_in_window)
     window = relabel(labels, present[owned], 1)  # `owned_labels`, reusing the moments
     core = window[h : h + tile.core.height, h : h + tile.core.width]
-    prob_core = prob[h : h + tile.core.height, h : h + tile.core.width]
+    # clip(rint(prob * 255), 0, 255) as uint8, in place on one temporary: 2.5x faster (issue 13).
+    prob_core = np.multiply(prob[h : h + tile.core.height, h : h + tile.core.width], 255.0)
+    np.rint(prob_core, out=prob_core)
     return TileNuclei(
         tile=tile,
         core_labels=np.ascontiguousarray(core),
-        prob=np.clip(np.rint(prob_core * 255), 0, 255).astype(np.uint8),
+        prob=np.clip(prob_core, 0, 255, out=prob_core).astype(np.uint8),
         spills=split_spills(window, tile, plan),
         n=int(window.max()),
         n_halo_edge=int(touches_border(window).size),

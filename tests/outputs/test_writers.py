@@ -230,6 +230,24 @@ def test_core_must_be_chunk_aligned(tmp_path):
     assert zarr.open_array(tmp_path / "m.ome.zarr" / "labels" / "nuclei" / "0", mode="r")[64:, 96:].all()
 
 
+def test_all_zero_chunks_stay_absent_unless_they_overwrite(tmp_path):
+    """The writer, not zarr, skips all-zero chunks: one never stored leaves no file (as zarr's
+    write_empty_chunks=False would), one stored before is overwritten with zeros."""
+    path = tmp_path / "m.ome.zarr"
+    w = OmeZarrWriter(path, (32, 48), mpp=0.5, chunk=16)
+    w.write_tile(Box(0, 0, 16, 16), np.zeros((16, 16), np.int32), np.zeros((16, 16), np.uint8))
+    w.write_tile(Box(16, 0, 32, 16), np.ones((16, 16), np.int32), np.full((16, 16), 0.5, np.float32))
+    w.write_tile(Box(16, 0, 32, 16), np.zeros((16, 16), np.int32), None)  # stored before: zeros now
+    w.write_labels(Box(32, 16, 48, 32), np.zeros((16, 16), np.int32))  # held, then stored at close
+    w.close()
+    root = zarr.open_group(str(path), mode="r")
+    np.testing.assert_array_equal(root["labels/nuclei/0"][:], 0)
+    assert (root["0"][:16, 16:32] == 128).all() and not root["0"][:16, :16].any()
+    for key in ("labels/nuclei/0/0/0", "0/0/0", "labels/nuclei/0/1/2"):
+        assert not (path / key).exists(), key
+    assert (path / "labels/nuclei/0/0/1").exists() and (path / "0/0/1").exists()
+
+
 def test_downsample_reads_at_most_four_chunks():
     class Spy:
         def __init__(self, a):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from nucleiflow.pipeline.postprocess.labels import relabel_consecutive, resample_nearest, upsample_labels
 
@@ -108,3 +109,35 @@ def test_remove_small_fg_gives_the_object_pixels_left():
         np.testing.assert_array_equal(out, remove_small(lab, min_size))
         np.testing.assert_array_equal(fg, np.flatnonzero(out))
     assert set(np.unique(remove_small_fg(lab, 3)[0])) == {0, 5}
+
+
+def test_remove_small_fg_in_place_on_a_fresh_labelling():
+    """Given the bool mask it labels (``where``), the labelling is cleaned in place: the same
+    result as the copying path; anything but a C-contiguous int32 labelling is refused."""
+    from scipy import ndimage as ndi
+
+    from nucleiflow.pipeline.postprocess.labels import remove_small_fg
+
+    mask = np.random.default_rng(6).random((40, 50)) < 0.3
+    for min_size in (1, 3, 5):
+        lab, _ = ndi.label(mask, structure=np.ones((3, 3)))
+        want, want_fg = remove_small_fg(lab, min_size)
+        out, fg = remove_small_fg(lab, min_size, where=mask)
+        assert out is lab
+        np.testing.assert_array_equal(out, want)
+        np.testing.assert_array_equal(fg, want_fg)
+    lab, _ = ndi.label(mask)
+    with pytest.raises(ValueError):
+        remove_small_fg(lab.astype(np.int64), 3, where=mask)
+    with pytest.raises(ValueError):
+        remove_small_fg(lab[:, ::2], 3, where=mask[:, ::2])
+
+
+def test_object_pixels_is_flatnonzero():
+    from nucleiflow.pipeline.postprocess.labels import object_pixels
+
+    lab = np.random.default_rng(7).integers(-1, 3, (9, 11)) * (np.arange(11) % 3 > 0)
+    for a in (lab, lab.astype(np.int32), lab > 0, lab[:, ::2], np.zeros((0, 4), np.int32)):
+        got = object_pixels(a)
+        assert got.dtype == np.intp
+        np.testing.assert_array_equal(got, np.flatnonzero(a))

@@ -241,6 +241,13 @@ def test_fill_holes_is_scipys_binary_fill_holes():
     filled = _fill_holes(rings)
     assert filled[2:5, 2:5].all() and not filled[2:5, 9:12].any()
     assert np.array_equal(filled & ~rings, np.pad(np.ones((3, 3), bool), ((2, 2), (2, 9))))
+    # One background part reaching the edge (the comparison path), two (the lookup path), none.
+    split = rings.copy()
+    split[:, 7] = True
+    for m in (rings, split, np.ones((4, 5), bool), np.zeros((4, 5), bool)):
+        assert np.array_equal(_fill_holes(m), ndi.binary_fill_holes(m))
+    background, n = ndi.label(~split)
+    assert n == 4 and _fill_holes(split)[2:5, 8:12].all()  # left, right of the bar; two holes
     rng = np.random.default_rng(0)
     for _ in range(100):
         m = rng.random((int(rng.integers(1, 30)), int(rng.integers(1, 30)))) < rng.random()
@@ -275,3 +282,45 @@ def test_open_disk_is_scipys_opening_with_a_disk(radius):
         for density in (0.3, 0.6, 0.85, 1.0):
             mask = rng.random(shape) < density
             np.testing.assert_array_equal(_open_disk(mask, radius), ndi.binary_opening(mask, structure=disk(radius)))
+
+
+def test_dense_windows_cover_the_mask_with_exact_margins():
+    from nucleiflow.pipeline.postprocess.edge_map import dense_windows
+
+    rng = np.random.default_rng(4)
+    mask = ndi.binary_dilation(rng.random((150, 230)) < 0.002, iterations=3)
+    mask[0, 0] = mask[-1, 100] = mask[70, -1] = True  # on the array's edges too
+    for band in (7, 32, 500):
+        covered = np.zeros(mask.shape, bool)
+        for rows, cols, ir, ic in dense_windows(mask, margin=6, band=band):
+            covered[rows, cols][ir, ic] = True
+            # The inner part keeps the margin from every window edge that is not the array's.
+            assert rows.start == 0 or ir.start >= 6
+            assert cols.start == 0 or ic.start >= 6
+            assert rows.stop == mask.shape[0] or rows.stop - rows.start - ir.stop >= 6
+            assert cols.stop == mask.shape[1] or cols.stop - cols.start - ic.stop >= 6
+        assert covered[mask].all()
+    assert dense_windows(np.zeros((9, 9), bool), 6) == []
+
+
+@pytest.mark.parametrize("ksize", [3, 11])
+def test_windowed_dense_maps_are_the_whole_tiles_on_the_mask(ksize):
+    """hv_watershed computes its energy and seed candidates only around the mask: the same
+    bits there as on the whole tile, so the same labels."""
+    from nucleiflow.pipeline.postprocess.edge_map import BAND, hv_edge, hv_energy
+
+    rng = np.random.default_rng(5)
+    # Touching discs across a band's edge (edge_map.BAND rows), a block far from them.
+    labels = two_discs((200, 200), centres=((BAND - 5, 30), (BAND + 8, 50)), radius=12)
+    labels[150:170, 150:185] = 3
+    prob = np.clip((labels > 0) * 0.8 + rng.normal(0, 0.2, labels.shape), 0, 1).astype(np.float32)
+    hv = np.clip(exact_hv(labels) + rng.normal(0, 0.3, (2, *labels.shape)), -1, 1).astype(np.float32)
+    setup = dict(ksize=ksize, normalise="fixed", gradient_range=(-0.8, 0.55))
+    mask, _, _ = postprocess._foreground(prob, 0.5, 10)
+    whole = hv_energy(prob, hv_edge(hv, **setup), 0.5, 0.4)
+    near = postprocess._dense_near(prob, hv, mask, setup, 0.5, 0.4)
+    np.testing.assert_array_equal(near[0][mask].view(np.uint32), whole[0][mask].view(np.uint32))
+    np.testing.assert_array_equal(near[1][mask], whole[1][mask])
+    assert (near[0] == 0).mean() > 0.3  # most of the tile was never computed
+    np.testing.assert_array_equal(hv_watershed(prob, hv, ksize=ksize),
+                                  hv_watershed(prob, edge=hv_edge(hv, **setup), ksize=ksize))

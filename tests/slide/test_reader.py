@@ -67,6 +67,17 @@ def test_array_read_covers_w_times_mpp_ratio_level0_px():
     assert (np.diff(out) >= 0).all()
 
 
+def test_rgb_image_is_fromarray_without_the_fill():
+    """The reader's array -> Pillow step gives Image.fromarray's image, also from a strided view."""
+    from PIL import Image
+
+    rgb = np.random.default_rng(3).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    for a in (rgb, rgb[::2, 1::3], np.zeros((1, 1, 3), np.uint8)):
+        img = slides.rgb_image(a)
+        assert img.mode == "RGB" and img.size == (a.shape[1], a.shape[0])
+        np.testing.assert_array_equal(np.array(img), np.array(Image.fromarray(np.ascontiguousarray(a))))
+
+
 def test_array_slide_info():
     info = ArraySlide(A, mpp=0.5, name="tile-7").info
     assert (info.width, info.height, info.level_count) == (4, 4, 1)

@@ -333,3 +333,18 @@ def test_own_tile_with_the_callers_moments_is_the_same():
     np.testing.assert_array_equal(plain.core_labels, given.core_labels)
     np.testing.assert_array_equal(plain.areas, given.areas)
     assert [(s.cell, s.box) for s in plain.spills] == [(s.cell, s.box) for s in given.spills]
+
+
+def test_own_tile_prob_is_the_rounded_clipped_uint8_core():
+    """The core's probability as uint8: rint(prob * 255) clipped to 0..255, out-of-range and
+    half-way values included, for float32 and float64 maps."""
+    plan = plan_tiles(64, 64, MPP, MPP, tile_size=32, halo=8)
+    tile = next(iter(plan))
+    rng = np.random.default_rng(8)
+    for dtype in (np.float32, np.float64):
+        prob = rng.uniform(-0.2, 1.2, (48, 48)).astype(dtype)
+        prob[10, 10], prob[11, 11] = 0.5 / 255, 2.5 / 255  # ties round to even
+        got = own_tile(tile, np.zeros((48, 48), np.int32), prob, plan).prob
+        core = prob[8:40, 8:40]
+        assert got.dtype == np.uint8
+        np.testing.assert_array_equal(got, np.clip(np.rint(core * 255), 0, 255).astype(np.uint8))
