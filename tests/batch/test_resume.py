@@ -93,12 +93,24 @@ def clean(manifest, tmp_path_factory) -> Path:
     from nucleiflow.models.checkpoint import model_hash, resolve
     from nucleiflow.pipeline.batch.run_slide import segment_slide
 
+    import torch
+
+    from nucleiflow.pipeline.infer.pools import pool_sizes, usable_cores
+
     out = tmp_path_factory.mktemp("clean")
     cfg = SegmentConfig(model=MODEL, tile_size=TILE, device="cpu", readers=0, workers=0)
     predictor, mhash = _predictor(MODEL, "cpu")
     assert mhash == model_hash(resolve(MODEL))
-    for job in read_manifest(manifest):
-        assert segment_slide(job, out, cfg, predictor, mhash, log=None)["status"] == "done"
+    # The CLI sets torch's threads by the pool rule (`pools.shared_pools`); golo's maps move
+    # by float32 ulps with the thread count (polygon vertices follow them), so the reference
+    # runs with the same threads whatever OMP_NUM_THREADS this process was started with.
+    before = torch.get_num_threads()
+    torch.set_num_threads(pool_sizes(usable_cores(), False, workers=0).torch_threads)  # as segment_cmd
+    try:
+        for job in read_manifest(manifest):
+            assert segment_slide(job, out, cfg, predictor, mhash, log=None)["status"] == "done"
+    finally:
+        torch.set_num_threads(before)
     return out
 
 
