@@ -334,7 +334,9 @@ def perimeters(labels: np.ndarray, kept: np.ndarray, fg: np.ndarray | None = Non
     own = lab[fg]
     is_kept = np.zeros(int(own.max(initial=0)) + 1, bool)
     is_kept[kept[kept < len(is_kept)]] = True
-    fg, own = fg[is_kept[own]], own[is_kept[own]]  # a neighbour with the same label shares its kept-ness
+    is_kept[0] = True  # no object pixel has label 0
+    if not is_kept.all():  # else every label 1..max is kept (a relabelled window): all pixels count
+        fg, own = fg[is_kept[own]], own[is_kept[own]]  # a neighbour with the same label shares its kept-ness
     # Border pixels: a 4-neighbour with another label.
     interior = np.ones(len(fg), bool)
     for dr, dc, _ in _NEIGHBOURS[:4]:

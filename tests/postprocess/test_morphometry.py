@@ -203,6 +203,7 @@ def test_perimeters_of_all_nuclei_match_skimage_to_the_bit():
     lab[46, 22] = 0  # a hole
     lab[20:30, 38:42] = 10  # touches ellipse 2 with no background between
     kept = np.unique(lab[lab > 0])
+    assert kept.tolist() == list(range(1, 11))  # all of 1..max kept (no filtering), then half
     expected = [measure.perimeter(lab == k, neighborhood=4) for k in kept]
     assert P.perimeters(lab, kept).tolist() == expected
     assert P.perimeters(lab, kept[::2]).tolist() == expected[::2]
