@@ -21,7 +21,8 @@ from nucleiflow.pipeline.slide.reader import SlideReader
 from nucleiflow.pipeline.slide.stain import StainReference, normalise
 from nucleiflow.pipeline.tiles.plan import Box, Tile, TilePlan
 from nucleiflow.pipeline.config import PostprocessConfig
-from nucleiflow.pipeline.postprocess.morphometry import empty_table, moments, nuclei_table
+from nucleiflow.pipeline.postprocess.labels import object_pixels
+from nucleiflow.pipeline.postprocess.morphometry import empty_table, moments, nuclei_table, pixel_moments
 from nucleiflow.pipeline.postprocess.watershed import mask_threshold, postprocess as run_postprocess
 from nucleiflow.pipeline.postprocess.plausible import implausible
 from nucleiflow.pipeline.tiles.ownership import TileNuclei, centroid_in, inside_slide, own_tile, slide_box, touches_border
@@ -40,13 +41,18 @@ def process_tile(tile: Tile, maps: dict[str, np.ndarray], plan: TilePlan, post: 
     lets ink-coloured objects go too."""
     t0 = time.perf_counter()
     labels = inside_slide(run_postprocess(maps, post.method, **post.params()), tile, plan)
-    sums = moments(labels)  # once, for the rules and the ownership test (issue 13)
-    labels, dropped = drop_implausible(labels, tile, plan, maps.get("rgb"), sums=sums)
+    # The object pixels and moments once, for the rules, the ownership test, the owned
+    # window and its table (issue 13).
+    pixels, sums = _pixels_and_moments(labels)
+    labels, dropped = drop_implausible(labels, tile, plan, maps.get("rgb"), sums=sums[:4])
     if any(dropped.values()):
-        sums = None  # own_tile counts again
-    res = own_tile(tile, labels, maps["prob"], plan, sums=sums)
+        pixels, sums = _pixels_and_moments(labels)
+    res = own_tile(tile, labels, maps["prob"], plan, sums=sums[:4], pixels=pixels)
     res.dropped = dropped
     window = res.extra.pop("window_labels")
+    window_pixels, owned = res.extra.pop("window_pixels"), res.extra.pop("owned")
+    # The owned window's labels are 1..k for sums' owned labels in order: the same sums.
+    window_sums = (np.arange(1, int(owned.sum()) + 1, dtype=np.int64), *(v[owned] for v in sums[1:]))
     res.table = nuclei_table(
         window, maps["prob"], mpp0=plan.mpp / plan.scale, offset=(tile.read.x0, tile.read.y0),
         scale=plan.scale, ids=1, type_prob=maps.get("type_prob"),
@@ -54,10 +60,18 @@ def process_tile(tile: Tile, maps: dict[str, np.ndarray], plan: TilePlan, post: 
         box=slide_box(tile, plan, window.shape),
         # Every nucleus of the window, the neighbours' too: an outline stops half-way to a
         # nucleus another tile owns, as that tile's outline of it does (no overlap at seams).
-        context=labels,
+        context=labels, pixels=window_pixels, sums=window_sums,
     )
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _pixels_and_moments(labels: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, ...]]:
+    """((raveled indices (n,) ascending, labels (n,)) of the object pixels of ``labels``
+    (H, W) int, `morphometry.moments(labels, second=True)`)."""
+    fg = object_pixels(labels)
+    lab = labels.ravel()[fg]
+    return (fg, lab), pixel_moments(lab, fg, labels.shape[1], second=True)
 
 
 def drop_implausible(

@@ -124,19 +124,38 @@ def nucleus_ids(kept: np.ndarray, ids: int | Mapping[int, int]) -> np.ndarray:
     return np.arange(int(ids), int(ids) + len(kept), dtype=np.int64)
 
 
+def _id_lut(top: int, kept: np.ndarray, ids: int | Mapping[int, int]) -> np.ndarray:
+    """int32 lookup (top + 1,): ``kept[i]`` -> its nucleus id (`nucleus_ids`), others -> 0."""
+    kept = np.asarray(kept, dtype=np.int64)
+    lut = np.zeros(int(max(top, kept.max(initial=0))) + 1, dtype=np.int32)
+    new = nucleus_ids(kept, ids)
+    if new.size and new.max() > np.iinfo(np.int32).max:
+        raise OverflowError("nucleus ids exceed int32, the label raster's dtype")
+    lut[kept] = new
+    return lut
+
+
 def relabel(labels: np.ndarray, kept: np.ndarray, ids: int | Mapping[int, int]) -> np.ndarray:
     """(H, W) int32 copy of ``labels`` with ``kept[i]`` -> its nucleus id, every other label -> 0.
 
     ``ids`` follows the same rule as in ``nuclei_table``, so raster and table agree.
     """
     labels = np.asarray(labels)
-    kept = np.asarray(kept, dtype=np.int64)
-    lut = np.zeros(int(max(labels.max(initial=0), kept.max(initial=0))) + 1, dtype=np.int32)
-    new = nucleus_ids(kept, ids)
-    if new.size and new.max() > np.iinfo(np.int32).max:
-        raise OverflowError("nucleus ids exceed int32, the label raster's dtype")
-    lut[kept] = new
-    return lut[labels]
+    return _id_lut(int(labels.max(initial=0)), kept, ids)[labels]
+
+
+def relabel_pixels(shape: tuple[int, int], fg: np.ndarray, lab: np.ndarray, kept: np.ndarray,
+                   ids: int | Mapping[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`relabel` of the labels whose object pixels are ``fg`` (n,) raveled indices, ascending,
+    with labels ``lab`` (n,) (`object_pixels` and the labels there): the same int32 raster
+    of ``shape``, and its own object pixels and labels, still ascending. On the object pixels
+    alone: a tile is mostly background, and the caller's next steps need them (issue 13)."""
+    new = _id_lut(int(lab.max(initial=0)), kept, ids)[lab]
+    on = new != 0
+    fg, new = fg[on], new[on]
+    out = np.zeros(shape, np.int32)
+    out.ravel()[fg] = new
+    return out, fg, new
 
 
 def resample_nearest(labels: np.ndarray, height: int, width: int, scale: float | None = None) -> np.ndarray:

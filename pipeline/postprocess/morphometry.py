@@ -60,16 +60,17 @@ def box_coords(core: BoxLike) -> tuple[int, int, int, int]:
 
 def moments(labels: np.ndarray, second: bool = False) -> tuple[np.ndarray, ...]:
     """Present labels (> 0), their pixel counts and raw moment sums, all int64.
+    (`pixel_moments` when the object pixels are known.)
 
     Returns ``(present, n, sx, sy)``, plus ``(sxx, syy, sxy)`` when ``second``; x = column
     index, y = row index. Float bincounts of integer weights are exact below 2**53, so the
     sums (and products of them, see ``_shape``) are exact integers.
     """
     fg = object_pixels(labels)
-    return _moments(labels.ravel()[fg], fg, labels.shape[1], second)
+    return pixel_moments(labels.ravel()[fg], fg, labels.shape[1], second)
 
 
-def _moments(lab: np.ndarray, fg: np.ndarray, width: int, second: bool) -> tuple[np.ndarray, ...]:
+def pixel_moments(lab: np.ndarray, fg: np.ndarray, width: int, second: bool = False) -> tuple[np.ndarray, ...]:
     """`moments` of the foreground pixels: their labels and raveled indices (ascending)."""
     y, x = np.divmod(fg, width)
     n = np.bincount(lab)
@@ -182,6 +183,8 @@ def nuclei_table(
     threshold: float | None = None,
     box: tuple[int, int, int, int] | None = None,
     context: np.ndarray | None = None,
+    pixels: tuple[np.ndarray, np.ndarray] | None = None,
+    sums: tuple[np.ndarray, ...] | None = None,
 ) -> Table:
     """One row per nucleus: a level-0 polygon and morphometrics.
 
@@ -208,6 +211,9 @@ def nuclei_table(
             pixels whose probability counts (the slide's part of a tile window), None: all.
             ``context``: (H, W) labels of every object of the window, not only the kept
             ones: outlines stay half-way to those too (`subpixel.follow_probability`).
+        pixels: (raveled indices (n,) ascending, their labels (n,)) of the object pixels of
+            ``labels`` when the caller has them (`labels.relabel_pixels`); ``sums``: with
+            them, `moments(labels, second=True)`. Each spares a pass over the tile.
 
     Returns:
         dict of 1-D numpy arrays, columns ``COLUMNS`` (+ the optional ones asked for), rows by
@@ -227,9 +233,13 @@ def nuclei_table(
         if arr is not None and np.shape(arr)[-2:] != labels.shape:
             raise ValueError(f"{name} shape {np.shape(arr)} does not match labels {labels.shape}")
     classes, border = type_prob is not None, border_labels is not None
-    fg = object_pixels(labels)
-    fg_labels = labels.ravel()[fg]
-    present, *sums = _moments(fg_labels, fg, labels.shape[1], second=True)
+    fg, fg_labels = (object_pixels(labels), None) if pixels is None else pixels
+    fg_labels = labels.ravel()[fg] if fg_labels is None else fg_labels
+    if sums is None:
+        sums = pixel_moments(fg_labels, fg, labels.shape[1], second=True)
+    elif len(sums) != 7:
+        raise ValueError("sums must be moments(labels, second=True): 7 arrays")
+    present, *sums = sums
     kept = _select(present, keep)
     if len(kept) == 0:
         return empty_table(classes=classes, border=border)
@@ -324,7 +334,9 @@ def perimeters(labels: np.ndarray, kept: np.ndarray, fg: np.ndarray | None = Non
     own = lab[fg]
     is_kept = np.zeros(int(own.max(initial=0)) + 1, bool)
     is_kept[kept[kept < len(is_kept)]] = True
-    fg, own = fg[is_kept[own]], own[is_kept[own]]  # a neighbour with the same label shares its kept-ness
+    is_kept[0] = True  # no object pixel has label 0
+    if not is_kept.all():  # else every label 1..max is kept (a relabelled window): all pixels count
+        fg, own = fg[is_kept[own]], own[is_kept[own]]  # a neighbour with the same label shares its kept-ness
     # Border pixels: a 4-neighbour with another label.
     interior = np.ones(len(fg), bool)
     for dr, dc, _ in _NEIGHBOURS[:4]:

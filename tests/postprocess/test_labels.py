@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nucleiflow.pipeline.postprocess.labels import relabel_consecutive, resample_nearest, upsample_labels
+from nucleiflow.pipeline.postprocess.labels import (object_pixels, relabel, relabel_consecutive, relabel_pixels,
+                                                     resample_nearest, upsample_labels)
 
 
 def test_relabel_consecutive_dtypes_and_paths():
@@ -141,3 +142,16 @@ def test_object_pixels_is_flatnonzero():
         got = object_pixels(a)
         assert got.dtype == np.intp
         np.testing.assert_array_equal(got, np.flatnonzero(a))
+
+
+def test_relabel_pixels_is_relabel_on_the_object_pixels():
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 9, (23, 17)).astype(np.int32) * (rng.random((23, 17)) < 0.4)
+    fg = object_pixels(labels)
+    for kept, ids in (([2, 5, 8], 1), ([1, 3], {1: 40, 3: 7}), ([], 1), ([9, 12], 100)):
+        out, wfg, wlab = relabel_pixels(labels.shape, fg, labels.ravel()[fg], np.array(kept, np.int64), ids)
+        want = relabel(labels, np.array(kept, np.int64), ids)
+        assert out.dtype == np.int32
+        np.testing.assert_array_equal(out, want)
+        np.testing.assert_array_equal(wfg, np.flatnonzero(want))
+        np.testing.assert_array_equal(wlab, want.ravel()[wfg])

@@ -203,6 +203,7 @@ def test_perimeters_of_all_nuclei_match_skimage_to_the_bit():
     lab[46, 22] = 0  # a hole
     lab[20:30, 38:42] = 10  # touches ellipse 2 with no background between
     kept = np.unique(lab[lab > 0])
+    assert kept.tolist() == list(range(1, 11))  # all of 1..max kept (no filtering), then half
     expected = [measure.perimeter(lab == k, neighborhood=4) for k in kept]
     assert P.perimeters(lab, kept).tolist() == expected
     assert P.perimeters(lab, kept[::2]).tolist() == expected[::2]
@@ -219,3 +220,22 @@ def test_scaled_is_shapelys_transform():
     assert got.dtype == object and all(shapely.equals_exact(got, shapely.transform(polys, lambda xy: xy * 2.5), 0))
     assert got[1].is_empty and len(got[2].interiors) == 1
     assert len(P._scaled(np.empty(0, object), 2.0)) == 0
+
+
+def test_nuclei_table_with_the_callers_pixels_and_moments_is_the_same():
+    labels = np.zeros((40, 50), np.int32)
+    labels[draw.disk((12, 14), 7, shape=labels.shape)] = 3
+    labels[draw.disk((26, 33), 9, shape=labels.shape)] = 5
+    labels[30:36, 2:9] = 6
+    prob = np.random.default_rng(1).uniform(0.3, 1, labels.shape).astype(np.float32)
+    kw = dict(mpp0=0.25, scale=2.0, offset=(4, 8), threshold=0.5)
+    plain = P.nuclei_table(labels, prob, **kw)
+    fg = np.flatnonzero(labels)
+    given = P.nuclei_table(labels, prob, **kw, pixels=(fg, labels.ravel()[fg]), sums=P.moments(labels, second=True))
+    for k, v in plain.items():
+        if k == "geometry":
+            assert all(a.equals_exact(b, 0) for a, b in zip(v, given[k]))
+        else:
+            np.testing.assert_array_equal(v, given[k])
+    with pytest.raises(ValueError):
+        P.nuclei_table(labels, prob, **kw, sums=P.moments(labels))

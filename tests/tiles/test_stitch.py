@@ -333,6 +333,16 @@ def test_own_tile_with_the_callers_moments_is_the_same():
     np.testing.assert_array_equal(plain.core_labels, given.core_labels)
     np.testing.assert_array_equal(plain.areas, given.areas)
     assert [(s.cell, s.box) for s in plain.spills] == [(s.cell, s.box) for s in given.spills]
+    # With the object pixels too: the same window, and its own pixels and owned labels.
+    fg = np.flatnonzero(inside)
+    sums = moments(inside)
+    pixeled = own_tile(tile, inside, prob, plan, sums=sums, pixels=(fg, inside.ravel()[fg]))
+    window = pixeled.extra["window_labels"]
+    np.testing.assert_array_equal(window, plain.extra["window_labels"])
+    wfg, wlab = pixeled.extra["window_pixels"]
+    np.testing.assert_array_equal(wfg, np.flatnonzero(window))
+    np.testing.assert_array_equal(wlab, window.ravel()[wfg])
+    np.testing.assert_array_equal(sums[0][pixeled.extra["owned"]], [1, 2])
 
 
 def test_own_tile_prob_is_the_rounded_clipped_uint8_core():
