@@ -94,15 +94,22 @@ class TrainConfig(BaseModel):
         return self.data[0]
 
     def key(self) -> str:
-        """Hash of everything that shapes the trained weights (not where they go)."""
+        """Hash of everything that shapes the trained weights (not where they go). Options
+        added after runs were made are left out while at their default (`_LATE_DEFAULTS`), so
+        those runs keep their keys and still resume."""
         data = self.model_dump(exclude={"out", "device", "eval_tile_size", "tune_postprocess"})
-        if data["train"]["sample_seed"] is None:  # unset: keys stay those of runs made before it existed
-            del data["train"]["sample_seed"]
-        if data["train"]["ema"] is None:  # the same for ema
-            del data["train"]["ema"]
-        for d in data["data"]:  # and for options of a data set
-            if d["blank_mpp"] == "error":
-                del d["blank_mpp"]
-        if data["teacher"] is not None and data["teacher"]["tta"] == 1:  # and for the teacher's views
-            del data["teacher"]["tta"]
+        for section, name, default in _LATE_DEFAULTS:
+            parts = data[section] if section != "data" else data["data"]
+            for part in parts if isinstance(parts, list) else [parts]:
+                if part is not None and part.get(name) == default:
+                    del part[name]
         return config_hash(data)
+
+
+# (section of the dumped config, option, default): options added after runs existed.
+_LATE_DEFAULTS: tuple[tuple[str, str, Any], ...] = (
+    ("train", "sample_seed", None),
+    ("train", "ema", None),
+    ("data", "blank_mpp", "error"),
+    ("teacher", "tta", 1),
+)

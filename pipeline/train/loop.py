@@ -223,7 +223,8 @@ def _teacher(cfg: TrainConfig, device: torch.device, log: Callable[[str], None])
         unlabelled = unlabelled_tiles(
             cfg.teacher.unlabelled_slides, cfg.mpp, cfg.train.patch, cfg.teacher.unlabelled_tiles, seed=cfg.train.seed
         )
-        log(f"unlabelled: {len(unlabelled.arrays)} tissue tiles from {len(cfg.teacher.unlabelled_slides)} slides")
+        log(f"unlabelled: {len(unlabelled.arrays)} tissue tiles from {len(unlabelled.sources)} of "
+            f"{len(cfg.teacher.unlabelled_slides)} slides")
     return teacher, unlabelled
 
 

@@ -65,6 +65,7 @@ class UnlabelledTiles:
         if not arrays:
             raise ValueError("UnlabelledTiles needs at least one image")
         self.arrays, self.patch, self.augment = list(arrays), patch, augment
+        self.sources: list[str] = []  # where the arrays came from (slides), for logs
         self.rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
 
     def sample(self, batch_size: int) -> dict[str, torch.Tensor]:

@@ -32,15 +32,23 @@ def tissue_tiles(path: str, mpp: float, patch: int, count: int, rng: np.random.G
 
 def unlabelled_tiles(slides: list[str], mpp: float, patch: int, tiles: int, seed: int = 0) -> UnlabelledTiles:
     """A pool of ``tiles`` unlabelled tissue tiles spread over ``slides`` (slides that cannot
-    be read at ``mpp``, e.g. without mpp metadata, are skipped with a logged warning)."""
+    be read at ``mpp``, e.g. without mpp metadata, are skipped with a logged warning).
+    Its ``sources`` are the slides that gave tiles."""
     rng = np.random.default_rng(seed)
     per = max(1, -(-tiles // max(len(slides), 1)))
     pool: list[np.ndarray] = []
+    sources: list[str] = []
     for s in slides:
         try:
-            pool += tissue_tiles(s, mpp, patch, per, rng)
+            cut = tissue_tiles(s, mpp, patch, per, rng)
         except SlideError as e:
             logger.warning(f"unlabelled: skipping {e}")
+            continue
+        pool += cut
+        if cut:
+            sources.append(s)
     if not pool:
         raise ValueError(f"no unlabelled tissue tiles could be cut from {slides}")
-    return UnlabelledTiles(pool, patch, rng)
+    tiles_ = UnlabelledTiles(pool, patch, rng)
+    tiles_.sources = sources
+    return tiles_

@@ -243,7 +243,7 @@ def test_distillation_with_unlabelled_tiles(shared_data, tmp_path, env, teacher)
     proc = nucleiflow("train", str(write(cfg, tmp_path / "distill.yaml")), env=env, cwd=tmp_path)
     text = output(proc)
     assert proc.returncode == 0, text[-3000:]
-    assert "unlabelled: 4 tissue tiles from 1 slides" in text
+    assert "unlabelled: 4 tissue tiles from 1 of 1 slides" in text
     card = card_of(cfg["out"])
     assert card["arch"] == "student"
     assert card["training"]["teacher"]["model"] == str(teacher)
@@ -260,6 +260,14 @@ def test_unlabelled_tiles_are_tissue(cmu_slide):
         assert a.mean() < 225  # tissue; the slide's glass reads ~240+
     again = unlabelled_tiles([str(cmu_slide)], mpp=0.5, patch=64, tiles=4, seed=0)
     assert all((a == b).all() for a, b in zip(pool.arrays, again.arrays))
+
+
+def test_unlabelled_tiles_name_the_slides_that_gave_tiles(cmu_slide, tmp_path):
+    """A slide that cannot be read is skipped (warned), and not counted as a source."""
+    broken = tmp_path / "broken.svs"
+    broken.write_bytes(b"not a slide")
+    pool = unlabelled_tiles([str(broken), str(cmu_slide)], mpp=0.5, patch=64, tiles=4, seed=0)
+    assert pool.sources == [str(cmu_slide)] and len(pool.arrays) == 2
 
 
 @pytest.mark.parametrize("every, expected", [(1, [True, True, True, True]), (2, [False, True, False, True])])
