@@ -54,6 +54,9 @@ class LoopConfig(BaseModel):
     ema: float | None = Field(None, gt=0, lt=1, description="Decay per step of a weight average (e.g. 0.995): "
                               "validation and the checkpoint use the averaged weights.")
     stage_epochs: list[int] | None = Field(None, description="twostage: epochs of stage1, stage2, finetune.")
+    keep: Literal["best", "last"] = Field("best", description="The checkpoint: the epoch of lowest validation "
+                                          "loss, or the last epoch's (a refit on every labelled image, with the "
+                                          "epochs an earlier run's curve fixed, has no validation to pick by).")
 
 
 class TrainConfig(BaseModel):
@@ -112,4 +115,5 @@ _LATE_DEFAULTS: tuple[tuple[str, str, Any], ...] = (
     ("train", "ema", None),
     ("data", "blank_mpp", "error"),
     ("teacher", "tta", 1),
+    ("train", "keep", "best"),
 )

@@ -149,6 +149,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
             break
     if ema is not None and run.best_state is None:  # resumed a run stopped before any improvement
         run.best_state = ema.model.state_dict()
+    if cfg.train.keep == "last":
+        run.best_state = copy.deepcopy((ema.model if ema is not None else model).state_dict())
     if run.best_state is not None:
         model.load_state_dict(run.best_state)
     model.eval()
@@ -199,7 +201,7 @@ def _data(cfg: TrainConfig, log: Callable[[str], None]) -> tuple[list, PatchSamp
             f" (weight {d.weight})")
         train_sets.append(AnnotatedDataset(d.root, train_names, mpp=cfg.mpp, blank_mpp=d.blank_mpp))
         if val_names:
-            val_ds = AnnotatedDataset(d.root, val_names, mpp=cfg.mpp)
+            val_ds = AnnotatedDataset(d.root, val_names, mpp=cfg.mpp, blank_mpp=d.blank_mpp)
             val_batches += list(tiles(val_ds, patch=cfg.train.patch, batch_size=cfg.train.batch_size))
     sampler = PatchSampler(train_sets, patch=cfg.train.patch,
                            seed=cfg.train.seed if cfg.train.sample_seed is None else cfg.train.sample_seed,

@@ -311,3 +311,24 @@ def test_teacher_maps_averaged_over_views(shared_data, tmp_path, teacher, monkey
     unset = TrainConfig.model_validate(config(shared_data, tmp_path, teacher={"model": str(teacher)}))
     same = TrainConfig.model_validate(config(shared_data, tmp_path, teacher={"model": str(teacher), "tta": 1}))
     assert unset.key() == same.key()  # runs made before the option keep their keys
+
+
+@pytest.mark.parametrize("keep", ["best", "last"])
+def test_keep_picks_the_best_or_the_last_epoch(shared_data, tmp_path, monkeypatch, keep):
+    """With validation loss rising after epoch 1, `keep: best` returns epoch 1's weights and
+    `keep: last` the final ones (a refit on every image has no validation to pick by); the
+    key of a config without `keep` is what it was before the option existed."""
+    losses = iter([1.0, 2.0, 3.0])
+    monkeypatch.setattr(training, "validation_loss", lambda *a, **k: next(losses))
+    cfg = TrainConfig.model_validate(config(shared_data, tmp_path, train={
+        "epochs": 3, "steps_per_epoch": 2, "patch": 64, "keep": keep}))
+    res, _ = quiet(cfg)
+    state = torch.load(Path(cfg.work) / "last.pt", weights_only=False)
+    kept = res["model"].state_dict()
+    same_as = {name: all(torch.equal(kept[k].cpu(), v.cpu()) for k, v in ref.items())
+               for name, ref in (("best", state["best_state"]), ("last", state["model"]))}
+    assert same_as == {"best": keep == "best", "last": keep == "last"}
+    if keep == "best":
+        plain = TrainConfig.model_validate(config(shared_data, tmp_path, train={
+            "epochs": 3, "steps_per_epoch": 2, "patch": 64}))
+        assert plain.key() == cfg.key()

@@ -105,6 +105,21 @@ def test_an_auxiliary_set_trains_without_validation_or_scores(shared_data, tmp_p
         training.split_records(TrainConfig.model_validate({**raw, "data": [{**raw["data"], "val_fraction": 0}]}))
 
 
+def test_a_set_can_only_validate(shared_data, tmp_path):
+    """dsb2018-he at weight 0 with ``val_fraction`` > 0 (and ``blank_mpp: skip``, which its
+    validation images obey too): never trained on, it gives the validation loss, e.g. of a
+    refit whose other sets hold nothing out."""
+    dsb = shared_data / "dsb2018-he"
+    raw = config(shared_data, tmp_path, train={"epochs": 1, "steps_per_epoch": 2, "batch_size": 4, "patch": 64})
+    watch = {"root": str(dsb), "weight": 0, "val_fraction": 0.3, "eval_split": None, "blank_mpp": "skip"}
+    cfg = TrainConfig.model_validate({**raw, "data": [{**raw["data"], "val_fraction": 0}, watch]})
+    (_, primary_val), (_, dsb_val) = training.split_records(cfg)
+    assert primary_val == [] and len(dsb_val) > 0
+    result, _ = quiet(cfg)
+    assert result["sampled"][str(dsb)] == 0 and result["val_names"] == dsb_val
+    assert result["history"][0]["val_loss"] > 0
+
+
 def test_sample_seed_gives_new_batches_on_the_same_validation_images(shared_data, tmp_path):
     """A later round keeps its validation images (``seed``) but draws new patches
     (``sample_seed``); unset, the config key is what it was before the field (and ``ema``) existed."""
