@@ -27,8 +27,9 @@ EXT_RGBX = 7  # libjpeg-turbo's JCS_EXT_RGBX (imagecodecs.JPEG8.CS.EXT_RGBX)
 #: Decoded tiles kept per file, least recently used out first. Neighbouring windows overlap
 #: by their halos (2 x 128 level-0 px at 0.25 um/px for a 0.5 um/px model): the tiles there
 #: are decoded once instead of two to four times (issue 13: about a fifth of a window's
-#: JPEG decode on 256 px tiles). 48 MB holds a window's tiles with its right-hand neighbours.
-CACHE_BYTES = 48 * 2**20
+#: JPEG decode on 256 px tiles). 64 MB (RGBX: 4 bytes a pixel) holds a window's tiles with its
+#: right-hand neighbours: the 245 tiles of 256^2 px that 48 MB held as RGB.
+CACHE_BYTES = 64 * 2**20
 
 # (level, x, y, w, h) in level px -> (h, w, 3) uint8 as OpenSlide gives it (on white).
 Probe = Callable[[int, int, int, int, int], np.ndarray]
