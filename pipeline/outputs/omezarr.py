@@ -183,6 +183,7 @@ class Pyramid:
         self._built: set[tuple[int, int, int]] = set()
         self._stale: set[tuple[int, int, int]] = set()
         self._stored: set[tuple[int, int]] = set()  # level-0 chunks written
+        self._counts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def put(self, i: int, j: int, data: np.ndarray) -> None:
         """Store level-0 chunk (i, j). An all-zero chunk never stored before stays absent
@@ -223,10 +224,12 @@ class Pyramid:
 
     def _children(self, k: int, pi: int, pj: int) -> int:
         """How many level-k chunks make level-(k+1) chunk (pi, pj)."""
-        gh, gw = self.levels[k].grid
-        rows = sum(self._parent(k, i, 0)[0][1] == pi for i in range(gh))
-        cols = sum(self._parent(k, 0, j)[0][2] == pj for j in range(gw))
-        return rows * cols
+        if k not in self._counts:  # children per parent row and column, once per level
+            (gh, gw), (ph, pw) = self.levels[k].grid, self.levels[k + 1].grid
+            self._counts[k] = (np.bincount([self._parent(k, i, 0)[0][1] for i in range(gh)], minlength=ph),
+                               np.bincount([self._parent(k, 0, j)[0][2] for j in range(gw)], minlength=pw))
+        rows, cols = self._counts[k]
+        return int(rows[pi] * cols[pj])
 
     def _emit(self, key: tuple[int, int, int]) -> None:
         part = self._open.pop(key)
