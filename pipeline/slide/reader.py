@@ -163,6 +163,37 @@ def rgb_image(rgb: np.ndarray) -> Image.Image:
     return img
 
 
+def _map_rgbx(rgbx: np.ndarray) -> Image.Image:
+    h, w = rgbx.shape[:2]
+    img = Image.new("RGB", (0, 0))._new(Image.core.map_buffer(rgbx, (w, h), "raw", 0, ("RGB", 0, 1)))
+    img.readonly = 1  # Pillow copies before any change in place: the array is never written
+    return img
+
+
+def _can_map_rgbx() -> bool:
+    """Does this Pillow map an RGBX array as an "RGB" image (what `Image.frombuffer` does for
+    "RGBX", Pillow's own calls) and read the right pixels from it?"""
+    a = np.random.default_rng(0).integers(0, 256, (5, 7, 4), dtype=np.uint8)
+    try:
+        img = _map_rgbx(a)
+        return img.mode == "RGB" and np.array_equal(np.array(img), a[..., :3])
+    except Exception:  # noqa: BLE001 - a Pillow without it: rgbx_image copies
+        return False
+
+
+_MAPS_RGBX = _can_map_rgbx()
+
+
+def rgbx_image(rgbx: np.ndarray) -> Image.Image:
+    """An "RGB" image of (h, w, 4) uint8 RGBX (the 4th byte ignored), without a copy where
+    Pillow allows: it keeps RGB as 4 bytes a pixel, so it reads the array in place (read
+    only; the image keeps it alive). `rgb_image`'s 3 -> 4 byte copy cost ~0.006 CPU s/Mpx of
+    a 0.25 -> 0.42 um/px read (issue 13)."""
+    if _MAPS_RGBX and rgbx.flags.c_contiguous:
+        return _map_rgbx(rgbx)
+    return rgb_image(rgbx[..., :3])
+
+
 def _on_white(img: Image.Image) -> Image.Image:
     """RGBA from OpenSlide (transparent outside the scanned area) composited on white."""
     alpha = img.getchannel("A")
@@ -280,7 +311,7 @@ class OpenSlideReader(SlideReader):
             raise SlideError(f"{self.path}: reader is closed; open the slide again")
         if self._tiles is not None and level in self._tiles.pages:
             try:
-                return rgb_image(self._tiles.region(level, x, y, w, h))
+                return rgbx_image(self._tiles.region(level, x, y, w, h))
             except Exception as e:  # noqa: BLE001 - a damaged tile: OpenSlide's error names it as such
                 raise SlideError(_read_failed(self.path, e)) from None
         return self._openslide_region(level, x, y, w, h)

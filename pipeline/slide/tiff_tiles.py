@@ -6,6 +6,10 @@ five times decoding its tiles (its tile cache, ARGB compositing, premultiplied-t
 alpha, then a PIL image). The same tiles decoded by the same libjpeg-turbo give the same
 pixels; `TiffTiles.open` checks exactly that on probe tiles of every level against OpenSlide
 and keeps only the levels that agree to the bit (another colour path or codec falls back).
+
+Regions come as RGBX, 4 bytes a pixel (the 4th 255): the layout Pillow keeps RGB images in,
+so `reader.rgbx_image` hands them to Pillow without a copy. libjpeg-turbo writes JPEG tiles
+so at no extra cost (``JCS_EXT_RGBX``); other codecs' RGB tiles are widened once, when cached.
 """
 from __future__ import annotations
 
@@ -14,15 +18,18 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
+import imagecodecs
 import numpy as np
 import tifffile
 
 WHITE = 255
+EXT_RGBX = 7  # libjpeg-turbo's JCS_EXT_RGBX (imagecodecs.JPEG8.CS.EXT_RGBX)
 #: Decoded tiles kept per file, least recently used out first. Neighbouring windows overlap
 #: by their halos (2 x 128 level-0 px at 0.25 um/px for a 0.5 um/px model): the tiles there
 #: are decoded once instead of two to four times (issue 13: about a fifth of a window's
-#: JPEG decode on 256 px tiles). 48 MB holds a window's tiles with its right-hand neighbours.
-CACHE_BYTES = 48 * 2**20
+#: JPEG decode on 256 px tiles). 64 MB (RGBX: 4 bytes a pixel) holds a window's tiles with its
+#: right-hand neighbours: the 245 tiles of 256^2 px that 48 MB held as RGB.
+CACHE_BYTES = 64 * 2**20
 
 # (level, x, y, w, h) in level px -> (h, w, 3) uint8 as OpenSlide gives it (on white).
 Probe = Callable[[int, int, int, int, int], np.ndarray]
@@ -33,11 +40,32 @@ def _usable(page: tifffile.TiffPage) -> bool:
             and page.planarconfig == tifffile.PLANARCONFIG.CONTIG and page.tiledepth == 1)
 
 
+def to_rgbx(rgb: np.ndarray) -> np.ndarray:
+    """(h, w, 3) uint8 -> (h, w, 4): the same RGB and a 255 byte."""
+    out = np.empty(rgb.shape[:2] + (4,), np.uint8)
+    out[..., :3] = rgb
+    out[..., 3] = WHITE
+    return out
+
+
+def _jpeg_rgbx(page: tifffile.TiffPage) -> Callable[[bytes], np.ndarray] | None:
+    """A decoder of ``page``'s tiles straight to (th, tw, 4) RGBX: its JPEG decoded as
+    tifffile does (its colour spaces for YCbCr and RGB pages), to RGBX instead of RGB. None
+    for other pages."""
+    if page.compression != tifffile.COMPRESSION.JPEG or page.photometric not in (2, 6) or page.extrasamples:
+        return None
+    colorspace = 2 if page.photometric == 2 and not page.is_jfif else None  # RGB JPEG (Aperio SVS)
+    shape, tables = (page.tilelength, page.tilewidth), page.jpegtables
+    return lambda data: imagecodecs.jpeg8_decode(data, tables=tables, colorspace=colorspace, outcolorspace=EXT_RGBX,
+                                                 shape=shape)
+
+
 class TiffTiles:
     """Tiled pages of one TIFF matched to pyramid levels: ``pages`` {level: page}."""
 
     def __init__(self, tiff: tifffile.TiffFile, pages: dict[int, tifffile.TiffPage]) -> None:
         self.tiff, self.pages = tiff, pages
+        self._rgbx = {level: _jpeg_rgbx(page) for level, page in pages.items()}
         self._lock = threading.Lock()
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._cached = 0
@@ -74,12 +102,13 @@ class TiffTiles:
         boxes = [(0, 0, tw, th), ((w // 2) // tw * tw, (h // 2) // th * th, tw, th),
                  ((w - 1) // tw * tw, (h - 1) // th * th, tw, th), (w // 2 - tw // 2, h // 2 - th // 2, tw + 3, th + 5)]
         try:
-            return all(np.array_equal(self.region(level, *b), probe(level, *b)) for b in boxes)
+            return all(np.array_equal(self.region(level, *b)[..., :3], probe(level, *b)) for b in boxes)
         except Exception:  # noqa: BLE001 - a tile this path cannot decode: leave the level to OpenSlide
             return False
 
     def region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-        """(h, w, 3) uint8 of ``level`` px from (x, y); outside the level is white."""
+        """(h, w, 4) uint8 RGBX (the 4th byte 255) of ``level`` px from (x, y); outside the
+        level is white."""
         # One region at a time per file: the viewer's dask threads read concurrently and
         # tifffile's page decoding is not thread-safe (seen: 2% of pixels wrong, flakily).
         with self._lock:
@@ -90,14 +119,14 @@ class TiffTiles:
         W, H, tw, th = page.imagewidth, page.imagelength, page.tilewidth, page.tilelength
         x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)
         if x0 >= x1 or y0 >= y1:
-            return np.full((h, w, 3), WHITE, np.uint8)
+            return np.full((h, w, 4), WHITE, np.uint8)
         across = -(-W // tw)
         cells = [(ty, tx) for ty in range(y0 // th, (y1 - 1) // th + 1) for tx in range(x0 // tw, (x1 - 1) // tw + 1)]
         # White only where no tile paints: inside the level with every tile written (the
         # usual window), the tiles cover it all and filling it first is a wasted pass.
         covered = (x0, y0, x1, y1) == (x, y, x + w, y + h) and all(
             page.databytecounts[ty * across + tx] for ty, tx in cells)
-        out = np.empty((h, w, 3), np.uint8) if covered else np.full((h, w, 3), WHITE, np.uint8)
+        out = np.empty((h, w, 4), np.uint8) if covered else np.full((h, w, 4), WHITE, np.uint8)
         fh = self.tiff.filehandle
         for ty, tx in cells:
             index = ty * across + tx
@@ -110,7 +139,7 @@ class TiffTiles:
         return out
 
     def _tile(self, level: int, page: tifffile.TiffPage, index: int, fh) -> np.ndarray | None:
-        """Tile ``index`` of ``page`` decoded, (th, tw, 3) uint8 (read-only), from the cache
+        """Tile ``index`` of ``page`` decoded, (th, tw, 4) uint8 RGBX (read-only), from the cache
         when a recent region decoded it; None for a tile never written."""
         key = (level, index)
         tile = self._cache.get(key)
@@ -123,7 +152,8 @@ class TiffTiles:
         with fh.lock:
             fh.seek(offset)
             data = fh.read(count)
-        tile = page.decode(data, index, jpegtables=page.jpegtables)[0][0]  # (th, tw, 3)
+        rgbx = self._rgbx[level]
+        tile = rgbx(data) if rgbx is not None else to_rgbx(page.decode(data, index, jpegtables=page.jpegtables)[0][0])
         tile.flags.writeable = False
         self._cache[key] = tile
         self._cached += tile.nbytes

@@ -78,6 +78,32 @@ def test_rgb_image_is_fromarray_without_the_fill():
         np.testing.assert_array_equal(np.array(img), np.array(Image.fromarray(np.ascontiguousarray(a))))
 
 
+def test_rgbx_image_reads_the_array_in_place():
+    """An RGBX array as an "RGB" image: fromarray's image of its first three bytes, without a
+    copy where Pillow maps it (the array is never written), a copy for a strided view; resized
+    as the RGB image is."""
+    from PIL import Image
+
+    from nucleiflow.pipeline.slide.tiff_tiles import to_rgbx
+
+    rgb = np.random.default_rng(4).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    rgbx = to_rgbx(rgb)
+    assert rgbx.shape == (37, 53, 4) and (rgbx[..., 3] == 255).all()
+    np.testing.assert_array_equal(rgbx[..., :3], rgb)
+    ref = Image.fromarray(rgb)
+    for a in (rgbx, rgbx[::2, 1::3]):
+        img = slides.rgbx_image(a)
+        assert img.mode == "RGB" and img.size == (a.shape[1], a.shape[0])
+        np.testing.assert_array_equal(np.array(img), np.ascontiguousarray(a[..., :3]))
+    img = slides.rgbx_image(rgbx)
+    assert slides._MAPS_RGBX  # this Pillow maps it
+    for f in (Image.Resampling.BOX, Image.Resampling.BILINEAR):
+        box = (0.3, 1.7, 50.2, 36.1)
+        np.testing.assert_array_equal(np.array(img.resize((30, 20), f, box=box)), np.array(ref.resize((30, 20), f, box=box)))
+    img.paste((1, 2, 3), (0, 0, 5, 5))  # a change in place copies first
+    np.testing.assert_array_equal(rgbx[..., :3], rgb)
+
+
 def test_array_slide_info():
     info = ArraySlide(A, mpp=0.5, name="tile-7").info
     assert (info.width, info.height, info.level_count) == (4, 4, 1)
