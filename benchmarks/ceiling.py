@@ -155,6 +155,17 @@ def compare_outputs(ref_out: Path, new_out: Path, slide_id: str) -> dict:
     return res
 
 
+def model_digest(model: str) -> str:
+    """SHA-1 of the checkpoint's card and weights (a name under models/checkpoints or a
+    folder), so recorded maps are not replayed for another card or weights of the same name."""
+    folder = Path(model) if Path(model).is_dir() else REPO / "models" / "checkpoints" / model
+    h = hashlib.sha1()
+    for name in ("model.json", "model.safetensors"):
+        path = folder / name
+        h.update(path.read_bytes() if path.is_file() else name.encode())
+    return h.hexdigest()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--slide", type=Path, help="a slide file (default: a MoNuSeg mosaic, --cols x --rows)")
@@ -175,8 +186,8 @@ def main() -> None:
     a.cache.mkdir(parents=True, exist_ok=True)
     slide = (a.slide or mosaic(a.cache, a.cols, a.rows)).resolve()
     st = slide.stat()
-    key = hashlib.sha1(json.dumps([str(slide), st.st_size, st.st_mtime, a.model, a.tile_size, a.halo,
-                                   a.batch_size]).encode()).hexdigest()[:12]
+    key = hashlib.sha1(json.dumps([str(slide), st.st_size, st.st_mtime, a.model, model_digest(a.model),
+                                   a.tile_size, a.halo, a.batch_size]).encode()).hexdigest()[:12]
     maps = a.cache / f"maps-{key}"
     base = {"slide": str(slide), "model": a.model, "tile_size": a.tile_size, "halo": a.halo,
             "batch_size": a.batch_size, "cache": str(maps), "slide_id": "bench", "tmp": str(a.cache)}
