@@ -29,6 +29,12 @@ CANVAS_WIDTH = 1024
 
 def seeded_flood(energy: np.ndarray, seeds: np.ndarray, components: np.ndarray,
                  fg: np.ndarray | None = None) -> np.ndarray:
+    """`seeded_flood_pixels`' labels alone."""
+    return seeded_flood_pixels(energy, seeds, components, fg)[0]
+
+
+def seeded_flood_pixels(energy: np.ndarray, seeds: np.ndarray, components: np.ndarray,
+                        fg: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Marker watershed of ``energy`` from ``seeds`` inside ``components > 0``, 8-connected.
 
     energy: (H, W) float, low = basin; seeds: (H, W) int >= 0 (0 = none; values outside the
@@ -38,14 +44,16 @@ def seeded_flood(energy: np.ndarray, seeds: np.ndarray, components: np.ndarray,
     ``out`` is scikit-image's
     ``watershed(energy, seeds * mask, mask=mask, connectivity=2)`` with every seedless
     component then labelled ``component + max seed``: the same labels, computed only where
-    two seeds share a component.
+    two seeds share a component. Also returns the object pixels (``fg``, the raveled indices
+    of the mask's pixels, ascending int64) and their labels ((n,) int32): the caller's next
+    steps need them, and finding them again costs a pass over the tile (issue 13).
     """
     h, w = components.shape
     flat = components.ravel()
     fg = np.flatnonzero(flat) if fg is None else fg  # ascending: raster order
     out = np.zeros(h * w, np.int32)
     if fg.size == 0:
-        return out.reshape(h, w)
+        return out.reshape(h, w), fg, np.zeros(0, np.int32)
     comp = flat[fg].astype(np.int64)
     seed = seeds.ravel()[fg].astype(np.int64)
     ncomp, top = int(comp.max()), int(seed.max())
@@ -71,8 +79,9 @@ def seeded_flood(energy: np.ndarray, seeds: np.ndarray, components: np.ndarray,
     present = np.zeros(ncomp + top + 1, bool)
     present[label] = True
     rank = np.cumsum(present, dtype=np.int32)
-    out[fg] = rank[label]
-    return out.reshape(h, w)
+    lab = rank[label]
+    out[fg] = lab
+    return out.reshape(h, w), fg, lab
 
 
 def _flood_packed(energy: np.ndarray, seed: np.ndarray, fg: np.ndarray, comp: np.ndarray,

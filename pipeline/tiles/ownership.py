@@ -154,6 +154,20 @@ def inside_slide(labels: np.ndarray, tile: Tile, plan: TilePlan) -> np.ndarray:
     return out
 
 
+def inside_slide_pixels(labels: np.ndarray, fg: np.ndarray, lab: np.ndarray, tile: Tile,
+                        plan: TilePlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`inside_slide` of ``labels`` (H, W) whose object pixels are ``fg`` (n,) (raveled
+    indices, ascending) with labels ``lab`` (n,), and the object pixels and labels left."""
+    h, w = labels.shape
+    box = slide_box(tile, plan, labels.shape)
+    if box == (0, 0, w, h):
+        return labels, fg, lab
+    cx0, cy0, cx1, cy1 = box
+    rows, cols = np.divmod(fg, w)
+    on = (rows >= cy0) & (rows < cy1) & (cols >= cx0) & (cols < cx1)
+    return inside_slide(labels, tile, plan), fg[on], lab[on]
+
+
 def own_tile(tile: Tile, labels: np.ndarray, prob: np.ndarray, plan: TilePlan,
              sums: tuple[np.ndarray, ...] | None = None,
              pixels: tuple[np.ndarray, np.ndarray] | None = None) -> TileNuclei:
