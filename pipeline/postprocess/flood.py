@@ -54,25 +54,27 @@ def seeded_flood_pixels(energy: np.ndarray, seeds: np.ndarray, components: np.nd
     out = np.zeros(h * w, np.int32)
     if fg.size == 0:
         return out.reshape(h, w), fg, np.zeros(0, np.int32)
-    comp = flat[fg].astype(np.int64)
-    seed = seeds.ravel()[fg].astype(np.int64)
+    comp = flat[fg]  # int32 as labelled: ids < 2**31, and int32 gathers are cheaper
+    seed = seeds.ravel()[fg]
     ncomp, top = int(comp.max()), int(seed.max())
     # Distinct seeds per component: a component with one is that seed's, with none its own.
     has = seed > 0
+    seed_has, comp_has = seed[has], comp[has]
     comp_of = np.zeros(top + 1, np.int64)
-    comp_of[seed[has]] = comp[has]
-    if np.array_equal(comp_of[seed[has]], comp[has]):  # each seed in one component (the rule)
+    comp_of[seed_has] = comp_has
+    if np.array_equal(comp_of[seed_has], comp_has):  # each seed in one component (the rule)
         pair_seed = np.flatnonzero(comp_of)
         pair_comp = comp_of[pair_seed]
     else:  # a seed the mask cut in two: (component, seed) pairs, sorted
-        pair_comp, pair_seed = np.divmod(np.unique(comp[has] * (top + 1) + seed[has]), top + 1)
+        key = comp_has.astype(np.int64) * (top + 1) + seed_has
+        pair_comp, pair_seed = np.divmod(np.unique(key), top + 1)
     nseeds = np.bincount(pair_comp, minlength=ncomp + 1)
-    lut = np.arange(ncomp + 1, dtype=np.int64) + top
+    lut = np.arange(top, ncomp + 1 + top, dtype=np.int32)
     lut[0] = 0
     single = nseeds[pair_comp] == 1
     lut[pair_comp[single]] = pair_seed[single]
     label = lut[comp]
-    contested = nseeds[comp] >= 2
+    contested = (nseeds >= 2)[comp]
     if contested.any():
         label[contested] = _flood_packed(energy, seed, fg, comp, contested, w)
     # Consecutive ids in the order of the values (relabel_consecutive, on the foreground alone).
@@ -87,7 +89,7 @@ def seeded_flood_pixels(energy: np.ndarray, seeds: np.ndarray, components: np.nd
 def _flood_packed(energy: np.ndarray, seed: np.ndarray, fg: np.ndarray, comp: np.ndarray,
                   contested: np.ndarray, width: int) -> np.ndarray:
     """Watershed labels of the foreground pixels ``fg[contested]`` (raveled indices into an
-    (H, ``width``) tile, ascending; ``comp``, ``seed``: their component and seed, int64):
+    (H, ``width``) tile, ascending; ``comp``, ``seed``: their component and seed, int):
     every contested component's box copied into one canvas, flooded once."""
     idx, cs = fg[contested], comp[contested]
     rows, cols = np.divmod(idx, width)
