@@ -42,12 +42,32 @@ for _case, _segs in _SEGMENTS.items():
         _SEG[_case, _j] = (*_f, *_t)
 
 
-def rings(labels: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def padded_ranks(labels: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """(H + 2, W + 2) int32: ``labels`` (H, W) int zero-padded by one pixel, each label of
+    ``kept`` (sorted) replaced by its rank 1..K in it, every other label by 0. When ``kept``
+    is 1..K and holds every label (a relabelled window), the labels themselves."""
+    kept = np.asarray(kept, dtype=np.int64)
+    h, w = labels.shape
+    top = int(labels.max(initial=0))
+    pad = np.zeros((h + 2, w + 2), np.int32)
+    if top <= len(kept) and (len(kept) == 0 or kept[-1] == len(kept)):
+        pad[1:-1, 1:-1] = labels  # kept is 1..K and holds every label: ranks are the labels
+    else:
+        lut = np.zeros(max(top, int(kept.max(initial=0))) + 1, np.int32)
+        lut[kept] = np.arange(1, len(kept) + 1, dtype=np.int32)
+        pad[1:-1, 1:-1] = lut[labels]  # ranks 1..K; labels not kept -> background
+    return pad
+
+
+def rings(labels: np.ndarray, kept: np.ndarray,
+          pad: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Outline rings of each label in ``kept``, as skimage's ``find_contours`` traces them.
 
     Args:
         labels: (H, W) int labels, 0 = background.
         kept: sorted int labels to outline (each must occur in ``labels``).
+        pad: `padded_ranks(labels, kept)` when the caller has it (`morphometry.perimeters`
+            reads it too).
 
     Returns:
         ``(xy, ring_start, ring_owner)``: xy (V, 2) float64 closed rings one after the other
@@ -59,14 +79,7 @@ def rings(labels: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     """
     kept = np.asarray(kept, dtype=np.int64)
     h, w = labels.shape
-    top = int(labels.max(initial=0))
-    pad = np.zeros((h + 2, w + 2), np.int32)
-    if top <= len(kept) and (len(kept) == 0 or kept[-1] == len(kept)):
-        pad[1:-1, 1:-1] = labels  # kept is 1..K and holds every label: ranks are the labels
-    else:
-        lut = np.zeros(max(top, int(kept.max(initial=0))) + 1, np.int32)
-        lut[kept] = np.arange(1, len(kept) + 1, dtype=np.int32)
-        pad[1:-1, 1:-1] = lut[labels]  # ranks 1..K; labels not kept -> background
+    pad = padded_ranks(labels, kept) if pad is None else pad
 
     # Squares whose four corners are not all one value: the only ones with segments.
     ul, ur, ll, lr = pad[:-1, :-1], pad[:-1, 1:], pad[1:, :-1], pad[1:, 1:]

@@ -8,6 +8,7 @@ from skimage import draw, measure
 
 from nucleiflow.pipeline.postprocess import labels as L
 from nucleiflow.pipeline.postprocess import morphometry as P
+from nucleiflow.pipeline.postprocess.outlines import padded_ranks
 from nucleiflow.pipeline.tiles import ownership as O
 from nucleiflow.pipeline.tiles.plan import Box
 
@@ -210,6 +211,10 @@ def test_perimeters_of_all_nuclei_match_skimage_to_the_bit():
     fg = np.flatnonzero(lab)  # the caller's foreground indices: same answer
     assert P.perimeters(lab, kept, fg).tolist() == expected
     assert P.perimeters(lab, kept[::2], fg).tolist() == expected[::2]
+    # With the padded ranks the outlines read too: same answer.
+    for k in (kept, kept[::2], kept[1::3]):
+        pad = padded_ranks(lab, k)
+        assert P.perimeters(lab, k, fg, pad).tolist() == [expected[i - 1] for i in k]
 
 
 def test_scaled_is_shapelys_transform():

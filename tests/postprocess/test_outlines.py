@@ -6,7 +6,7 @@ import pytest
 from scipy import ndimage as ndi
 from skimage import measure
 
-from nucleiflow.pipeline.postprocess.outlines import rings
+from nucleiflow.pipeline.postprocess.outlines import padded_ranks, rings
 
 
 def skimage_rings(labels: np.ndarray, kept: np.ndarray) -> list[list[np.ndarray]]:
@@ -45,6 +45,20 @@ def test_rings_match_find_contours_vertex_for_vertex(seed):
             assert len(want) == len(got)
             for a, b in zip(want, got):
                 np.testing.assert_array_equal(a, b)
+
+
+def test_padded_ranks_and_rings_from_them():
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, 9, (17, 23)).astype(np.int32)
+    for kept in (np.arange(1, 9), np.array([2, 3, 7]), np.array([1, 8, 12])):  # 12: beyond every label
+        pad = padded_ranks(labels, kept)
+        want = np.zeros((19, 25), np.int32)
+        for rank, k in enumerate(kept, 1):
+            want[1:-1, 1:-1][labels == k] = rank
+        np.testing.assert_array_equal(pad, want)
+        present = kept[np.isin(kept, labels)]
+        for a, b in zip(rings(labels, present), rings(labels, present, padded_ranks(labels, present))):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_ring_of_a_ring_shaped_nucleus_and_its_hole():
