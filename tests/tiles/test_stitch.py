@@ -354,7 +354,7 @@ def test_inside_slide_pixels_keeps_the_object_pixels_inside():
     win = (rng.integers(0, 5, (w, w)) * (rng.random((w, w)) < 0.4)).astype(np.int32)
     for tile in plan:  # edge tiles are clipped on one or two sides, inner ones not at all
         fg = np.flatnonzero(win)
-        labels, got_fg, got_lab = inside_slide_pixels(win, fg, win.ravel()[fg], tile, plan)
+        labels, got_fg, got_lab = inside_slide_pixels(win.copy(), fg, win.ravel()[fg], tile, plan)
         want = inside_slide(win, tile, plan)
         np.testing.assert_array_equal(labels, want)
         np.testing.assert_array_equal(got_fg, np.flatnonzero(want))
