@@ -23,8 +23,9 @@ from __future__ import annotations
 import numpy as np
 from skimage.segmentation import watershed
 
-#: Canvas width in px: boxes are packed in rows ("shelves") up to this width.
-CANVAS_WIDTH = 1024
+#: Canvas width in px: boxes are packed in rows ("shelves") up to this width (narrower
+#: shelves of like heights waste less canvas; a wider box gets a shelf of its own).
+CANVAS_WIDTH = 512
 
 
 def seeded_flood(energy: np.ndarray, seeds: np.ndarray, components: np.ndarray,
@@ -104,7 +105,12 @@ def _flood_packed(energy: np.ndarray, seed: np.ndarray, fg: np.ndarray, comp: np
     np.maximum.at(c1, cs, cols)
     oy, ox = np.zeros(n, np.int64), np.zeros(n, np.int64)
     x = y = shelf = canvas_w = 0
-    for c in ids.tolist():  # shelf packing, in component order, 1 px gaps
+    # Shelf packing, tallest boxes first (ties in component order), 1 px gaps: shelves of
+    # boxes of like heights waste less canvas, which scikit-image copies and scans whole
+    # several times (on the 6x6 mosaic, with 512 px shelves instead of 1024 in component
+    # order, 0.41 of the canvas is mask instead of 0.23).
+    heights = r1[ids] - r0[ids]
+    for c in ids[np.argsort(-heights, kind="stable")].tolist():
         bh, bw = int(r1[c] - r0[c]) + 1, int(c1[c] - c0[c]) + 1
         if x > 0 and x + bw > CANVAS_WIDTH:
             y, x, shelf = y + shelf + 1, 0, 0
