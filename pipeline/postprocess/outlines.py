@@ -103,17 +103,20 @@ def rings(labels: np.ndarray, kept: np.ndarray,
     firsts = (a > 0, (b > 0) & (ab == 0), (c > 0) & ((ac | bc) == 0), (d > 0) & ((ad | bd | cd) == 0))
     cases = (1 | (ab << 1) | (ac << 2) | (ad << 3), ab | 2 | (bc << 2) | (bd << 3),
              ac | (bc << 1) | 4 | (cd << 3), ad | (bd << 1) | (cd << 2) | 8)
-    owner = np.concatenate([lab[f] for lab, f in zip((a, b, c, d), firsts)])
-    square = np.concatenate([at[f] for f in firsts])
-    case = np.concatenate([k[f] for k, f in zip(cases, firsts)])
-    # Segments: every entry's first, then the second of saddles; sorted by (object, scan order).
-    two = _NSEG[case] == 2
-    owner = np.concatenate([owner, owner[two]]).astype(np.int64)
-    j = np.concatenate([np.zeros(len(case), np.int64), np.ones(int(two.sum()), np.int64)])
-    square = np.concatenate([square, square[two]])
-    case = np.concatenate([case, case[two]])
-    order = np.argsort((owner * len(flat) + square) * 2 + j)  # unique keys
-    owner, square, cj = owner[order], square[order], (2 * case + j)[order]
+    # Entries in scan order: by square, then corner (the (m, 4) stacks, raveled).
+    entry = np.flatnonzero(np.stack(firsts, 1))
+    owner = np.stack((a, b, c, d), 1).ravel()[entry]
+    case = np.stack(cases, 1).ravel()[entry]
+    # Segments: each entry's first, then a saddle's second right after it; then sorted by
+    # object, stably (an object has one entry per square): (object, scan order). By radix
+    # on 16 bits when the objects' ranks fit, ~2x cheaper than sorting unique int64 keys.
+    nseg = _NSEG[case]
+    rep = np.repeat(np.arange(len(entry)), nseg)
+    cj = 2 * case[rep].astype(np.int64)
+    cj[np.cumsum(nseg)[nseg == 2] - 1] += 1  # 2 * case + j
+    owner = owner[rep]
+    order = np.argsort(owner.astype(np.uint16 if len(kept) < 2**16 else np.int64), kind="stable")
+    owner, square, cj = owner[order].astype(np.int64), at[entry[rep[order]] >> 2], cj[order]
     r0, c0 = np.divmod(square, stride)
     fr, fc = 2 * r0 + _FROM_R[cj], 2 * c0 + _FROM_C[cj]  # doubled padded (row, col) of the start
     # A segment's successor starts where it ends: in the square across its end side, for the

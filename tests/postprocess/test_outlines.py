@@ -75,3 +75,17 @@ def test_ring_of_a_ring_shaped_nucleus_and_its_hole():
 def test_no_objects_no_rings():
     xy, start, owner = rings(np.zeros((3, 4), np.int32), np.array([], np.int64))
     assert xy.shape == (0, 2) and start.tolist() == [0] and owner.size == 0
+
+
+def test_more_objects_than_16_bits_of_ranks():
+    """70,225 single-pixel objects: past the 16-bit radix sort, each still its own diamond."""
+    labels = np.zeros((530, 530), np.int32)
+    labels[::2, ::2] = np.arange(1, 265 * 265 + 1).reshape(265, 265)
+    kept = np.arange(1, 265 * 265 + 1)
+    xy, start, owner = rings(labels, kept)
+    one, _, _ = rings(np.ones((1, 1), np.int32), np.array([1]))
+    np.testing.assert_array_equal(start, np.arange(len(kept) + 1) * len(one))
+    np.testing.assert_array_equal(owner, np.arange(len(kept)))
+    r, c = np.divmod(np.flatnonzero(labels), 530)
+    want = one[None] + np.stack([c, r], 1)[:, None, :]
+    np.testing.assert_array_equal(xy.reshape(len(kept), len(one), 2), want)
