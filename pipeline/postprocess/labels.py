@@ -109,14 +109,14 @@ def remove_unsure_pixels(labels: np.ndarray, fg: np.ndarray, lab: np.ndarray, pr
     labels = np.asarray(labels)
     if min_mean_prob <= 0 or lab.size == 0:
         return labels.astype(np.int32, copy=False), fg, lab.astype(np.int32, copy=False)
-    lab = lab.astype(np.intp, copy=False)
+    given, lab = lab, lab.astype(np.intp, copy=False)
     n = int(lab.max())
     area = np.bincount(lab, minlength=n + 1)
     total = np.bincount(lab, weights=np.asarray(prob).ravel()[fg].astype(np.float64), minlength=n + 1)
     keep = total >= min_mean_prob * area  # mean >= threshold, without dividing by 0 areas
     keep[0] = False
     if keep[1:].all():
-        return labels.astype(np.int32, copy=False), fg, lab.astype(np.int32)
+        return labels.astype(np.int32, copy=False), fg, given.astype(np.int32, copy=False)
     # relabel_consecutive(np.where(keep[labels], labels, 0)) on the object pixels: ids that
     # are present keep their order (those absent from the tile get no number either).
     present = keep & (area > 0)
