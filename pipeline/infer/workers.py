@@ -23,9 +23,10 @@ from nucleiflow.pipeline.tiles.plan import Box, Tile, TilePlan
 from nucleiflow.pipeline.config import PostprocessConfig
 from nucleiflow.pipeline.postprocess.labels import object_pixels
 from nucleiflow.pipeline.postprocess.morphometry import empty_table, moments, nuclei_table, pixel_moments
-from nucleiflow.pipeline.postprocess.watershed import mask_threshold, postprocess as run_postprocess
+from nucleiflow.pipeline.postprocess.watershed import mask_threshold, postprocess_pixels as run_postprocess
 from nucleiflow.pipeline.postprocess.plausible import implausible
-from nucleiflow.pipeline.tiles.ownership import TileNuclei, centroid_in, inside_slide, own_tile, slide_box, touches_border
+from nucleiflow.pipeline.tiles.ownership import (TileNuclei, centroid_in, inside_slide_pixels, own_tile, slide_box,
+                                                 touches_border)
 
 
 def empty_tile_table(classes: bool = False) -> dict:
@@ -40,10 +41,10 @@ def process_tile(tile: Tile, maps: dict[str, np.ndarray], plan: TilePlan, post: 
     in the slide). ``maps["rgb"]`` (W, W, 3) uint8, the window the model saw, if present,
     lets ink-coloured objects go too."""
     t0 = time.perf_counter()
-    labels = inside_slide(run_postprocess(maps, post.method, **post.params()), tile, plan)
-    # The object pixels and moments once, for the rules, the ownership test, the owned
-    # window and its table (issue 13).
-    pixels, sums = _pixels_and_moments(labels)
+    # The object pixels (from the watershed) and moments once, for the rules, the ownership
+    # test, the owned window and its table (issue 13).
+    labels, fg, lab = inside_slide_pixels(*run_postprocess(maps, post.method, **post.params()), tile, plan)
+    pixels, sums = (fg, lab), pixel_moments(lab, fg, labels.shape[1], second=True)
     labels, dropped = drop_implausible(labels, tile, plan, maps.get("rgb"), sums=sums[:4])
     if any(dropped.values()):
         pixels, sums = _pixels_and_moments(labels)

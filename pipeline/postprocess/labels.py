@@ -93,27 +93,40 @@ def remove_unsure(labels: np.ndarray, prob: np.ndarray, min_mean_prob: float) ->
     a little recall for much precision (tuned with the other thresholds, `train.tuning`).
     """
     labels = np.asarray(labels)
-    n = int(labels.max(initial=0))
-    if min_mean_prob <= 0 or n == 0:
+    if min_mean_prob <= 0 or int(labels.max(initial=0)) == 0:
         return labels.astype(np.int32, copy=False)
-    # On the object pixels alone (a tile is mostly background): each bin's sum adds the
-    # same values in the same (raster) order as a whole-array bincount, so the same bits.
     fg = object_pixels(labels)
-    lab = labels.ravel()[fg].astype(np.intp, copy=False)
+    return remove_unsure_pixels(labels, fg, labels.ravel()[fg], prob, min_mean_prob)[0]
+
+
+def remove_unsure_pixels(labels: np.ndarray, fg: np.ndarray, lab: np.ndarray, prob: np.ndarray,
+                         min_mean_prob: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`remove_unsure` of ``labels`` (H, W) int whose object pixels are ``fg`` (n,) (raveled
+    indices, ascending) with labels ``lab`` (n,): (int32 (H, W), and its own object pixels
+    and their int32 labels, still ascending). On the object pixels alone (a tile is mostly
+    background): each object's sum adds the same values in the same (raster) order as a
+    whole-array bincount, so the same bits; and the caller's next steps need the pixels."""
+    labels = np.asarray(labels)
+    if min_mean_prob <= 0 or lab.size == 0:
+        return labels.astype(np.int32, copy=False), fg, lab.astype(np.int32, copy=False)
+    given, lab = lab, lab.astype(np.intp, copy=False)
+    n = int(lab.max())
     area = np.bincount(lab, minlength=n + 1)
     total = np.bincount(lab, weights=np.asarray(prob).ravel()[fg].astype(np.float64), minlength=n + 1)
     keep = total >= min_mean_prob * area  # mean >= threshold, without dividing by 0 areas
     keep[0] = False
     if keep[1:].all():
-        return labels.astype(np.int32, copy=False)
+        return labels.astype(np.int32, copy=False), fg, given.astype(np.int32, copy=False)
     # relabel_consecutive(np.where(keep[labels], labels, 0)) on the object pixels: ids that
     # are present keep their order (those absent from the tile get no number either).
     present = keep & (area > 0)
     rank = np.cumsum(present, dtype=np.int32)
     rank[~present] = 0
+    new = rank[lab]
     out = np.zeros(labels.size, np.int32)
-    out[fg] = rank[lab]
-    return out.reshape(labels.shape)
+    out[fg] = new
+    on = new != 0
+    return out.reshape(labels.shape), fg[on], new[on]
 
 
 def nucleus_ids(kept: np.ndarray, ids: int | Mapping[int, int]) -> np.ndarray:

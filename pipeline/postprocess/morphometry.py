@@ -20,7 +20,7 @@ import numpy as np
 import shapely
 
 from nucleiflow.pipeline.postprocess.labels import nucleus_ids, object_pixels
-from nucleiflow.pipeline.postprocess.outlines import rings
+from nucleiflow.pipeline.postprocess.outlines import padded_ranks, rings
 from nucleiflow.pipeline.postprocess.subpixel import follow_probability
 
 #: Columns of every nuclei table, in order, with their numpy dtypes (geometry: shapely objects).
@@ -151,11 +151,19 @@ def _largest_polygon(geom: shapely.Geometry) -> shapely.Polygon:
     return max(parts, key=lambda g: g.area)
 
 
-def _clean(polys: np.ndarray, tolerance: float = 0.0, valid: bool = False) -> np.ndarray:
+def _clean(polys: np.ndarray, tolerance: float = 0.0, valid: bool = False,
+           suspects: np.ndarray | None = None) -> np.ndarray:
     """Repair invalid outlines (make_valid, largest part; skipped when ``valid``: they come
-    from an earlier ``_clean``), then simplify lightly where that keeps a valid non-empty Polygon."""
+    from an earlier ``_clean``; only those at the indices ``suspects`` when given, the others
+    being valid), then simplify lightly where that keeps a valid non-empty Polygon."""
     polys = polys.copy()
-    for i in [] if valid else np.flatnonzero(~shapely.is_valid(polys)):
+    if valid:
+        bad = []
+    elif suspects is None:
+        bad = np.flatnonzero(~shapely.is_valid(polys))
+    else:
+        bad = suspects[~shapely.is_valid(polys[suspects])]
+    for i in bad:
         polys[i] = _largest_polygon(shapely.make_valid(polys[i]))
     if tolerance <= 0 or len(polys) == 0:
         return polys
@@ -289,13 +297,21 @@ def _outlines(labels: np.ndarray, kept: np.ndarray, offset: tuple[float, float],
     regionprops perimeter, 4-neighbourhood) and solidity (of the unsimplified outline).
     With ``prob`` and ``threshold``, vertices at the probability's crossing. ``fg``:
     ``np.flatnonzero(labels)`` when the caller has it."""
-    xy, ring_start, owner = rings(labels, kept)
+    pad = padded_ranks(labels, kept)  # one padded copy for the outlines and the perimeters
+    xy, ring_start, owner = rings(labels, kept, pad)
     if prob is not None and threshold is not None:
         xy = follow_probability(xy, kept[np.repeat(owner, np.diff(ring_start))], labels, prob, threshold, box,
                                 context)
     polys = _polygons(xy + np.asarray(offset, dtype=np.float64), ring_start, owner, len(kept))
-    perim = perimeters(labels, kept, fg)
-    raw = _clean(polys)
+    perim = perimeters(labels, kept, fg, pad)
+    # An outline with a single ring is a simple polygon (valid): each of its segments lies
+    # inside its own 2x2 square of pixel centres, touching the square's edges only at its two
+    # ends, strictly between two centres (`subpixel.MARGIN`), where the ring's neighbouring
+    # segments start and end; a saddle's two segments cut opposite corners of their square.
+    # So only objects with holes or several parts need GEOS' validity check (~0.002 s/Mpx),
+    # and any with a non-finite vertex (a NaN probability).
+    several = np.flatnonzero(np.bincount(owner, minlength=len(kept)) > 1)
+    raw = _clean(polys, suspects=several if np.isfinite(xy).all() else None)
     hull = shapely.area(shapely.convex_hull(raw))
     solidity = np.divide(shapely.area(raw), hull, out=np.ones(len(kept)), where=hull > 0)
     return _scaled(_clean(raw, simplify, valid=True), scale), perim, solidity
@@ -319,39 +335,43 @@ _PERIMETER_WEIGHTS[[13, 23]] = (1 + np.sqrt(2)) / 2
 _NEIGHBOURS = [(-1, 0, 2), (1, 0, 2), (0, -1, 2), (0, 1, 2), (-1, -1, 10), (-1, 1, 10), (1, -1, 10), (1, 1, 10)]
 
 
-def perimeters(labels: np.ndarray, kept: np.ndarray, fg: np.ndarray | None = None) -> np.ndarray:
+def perimeters(labels: np.ndarray, kept: np.ndarray, fg: np.ndarray | None = None,
+               pad: np.ndarray | None = None) -> np.ndarray:
     """skimage's ``measure.perimeter(labels == k)`` (4-neighbourhood) of every ``k`` in
     ``kept`` (sorted labels), float64, in one pass over ``labels`` (H, W) instead of one per
     nucleus. The same arithmetic: a border pixel (of k, with a 4-neighbour that is not k) is
     classed by its border neighbours of the same k (code 1 + 2 per edge + 10 per corner
     neighbour), and each nucleus' histogram of codes is dotted with skimage's weights.
-    ``fg``: ``np.flatnonzero(labels)`` when the caller has it.
+    ``fg``: ``np.flatnonzero(labels)`` when the caller has it; ``pad``:
+    `outlines.padded_ranks(labels, kept)` (the outlines read it too).
     """
     w = labels.shape[1]
-    lab = np.pad(labels, 1).ravel()  # outside the array counts as "not k", as binary_erosion's border_value=0
+    # Zero-padded (outside the array counts as "not k", as binary_erosion's border_value=0),
+    # each kept label as its rank 1..K, the others as background: equal neighbours stay equal.
+    lab = (padded_ranks(labels, kept) if pad is None else pad).ravel()
     # On the object pixels alone (a tile is mostly background): raveled indices into ``lab``.
     fg = object_pixels(lab) if fg is None else fg + 2 * (fg // w) + w + 3
     own = lab[fg]
-    is_kept = np.zeros(int(own.max(initial=0)) + 1, bool)
-    is_kept[kept[kept < len(is_kept)]] = True
-    is_kept[0] = True  # no object pixel has label 0
-    if not is_kept.all():  # else every label 1..max is kept (a relabelled window): all pixels count
-        fg, own = fg[is_kept[own]], own[is_kept[own]]  # a neighbour with the same label shares its kept-ness
+    on = own != 0
+    if not on.all():  # labels not kept (else every label 1..max is kept: a relabelled window)
+        fg, own = fg[on], own[on]
     # Border pixels: a 4-neighbour with another label.
     interior = np.ones(len(fg), bool)
     for dr, dc, _ in _NEIGHBOURS[:4]:
         interior &= lab[fg + dr * (w + 2) + dc] == own
     border = np.zeros(len(lab), bool)
-    p, own = fg[~interior], own[~interior]
+    edge = ~interior
+    p, own = fg[edge], own[edge]
     border[p] = True
     code = np.ones(len(p), np.int64)
     for dr, dc, weight in _NEIGHBOURS:
         q = p + dr * (w + 2) + dc
         code += weight * (border[q] & (lab[q] == own))
-    rank = np.searchsorted(kept, own)
+    rank = own.astype(np.int64) - 1
     hist = np.bincount(rank * 50 + code, minlength=50 * len(kept)).reshape(len(kept), 50)
-    # Row by row, as skimage dots one histogram: the same float sums, to the last bit.
-    return np.array([row @ _PERIMETER_WEIGHTS for row in hist], dtype=np.float64)
+    # Row by row, as skimage dots one histogram: the same float sums, to the last bit (a
+    # matrix-vector product sums in another order). Rows as float64 first: the same values.
+    return np.fromiter((np.dot(row, _PERIMETER_WEIGHTS) for row in hist.astype(np.float64)), np.float64, len(hist))
 
 
 def _shape(

@@ -35,28 +35,21 @@ _SEGMENTS: dict[int, list[tuple[tuple[int, int], tuple[int, int]]]] = {
     10: [(_B, _T)], 11: [(_B, _L)], 12: [(_L, _R)], 13: [(_T, _R)], 14: [(_L, _T)],
 }
 _NSEG = np.zeros(16, np.int64)
-_SEG = np.zeros((16, 2, 4), np.int64)  # [case, j] -> (from row, from col, to row, to col), doubled
+_SIDES = {_T: 0, _B: 1, _L: 2, _R: 3}
+_FROM, _TO = np.zeros((2, 32), np.int8)  # [2 * case + j] -> the side a segment starts / ends on
+_FROM_R, _FROM_C = np.zeros((2, 32), np.int64)  # [2 * case + j] -> its start's doubled offsets
 for _case, _segs in _SEGMENTS.items():
     _NSEG[_case] = len(_segs)
     for _j, (_f, _t) in enumerate(_segs):
-        _SEG[_case, _j] = (*_f, *_t)
+        _FROM[2 * _case + _j], _TO[2 * _case + _j] = _SIDES[_f], _SIDES[_t]
+        _FROM_R[2 * _case + _j], _FROM_C[2 * _case + _j] = _f
+_OPPOSITE = np.array([1, 0, 3, 2], np.int8)  # the side a neighbour square shares: T <-> B, L <-> R
 
 
-def rings(labels: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Outline rings of each label in ``kept``, as skimage's ``find_contours`` traces them.
-
-    Args:
-        labels: (H, W) int labels, 0 = background.
-        kept: sorted int labels to outline (each must occur in ``labels``).
-
-    Returns:
-        ``(xy, ring_start, ring_owner)``: xy (V, 2) float64 closed rings one after the other
-        (each repeats its first vertex at its end), in pixel-corner coordinates of
-        ``labels`` (pixel ``(r, c)`` spans ``[c, c+1) x [r, r+1)``; x = column); ring_start
-        (R + 1,) int64 offsets of the rings in ``xy``; ring_owner (R,) int64 index into
-        ``kept`` of each ring's label. Rings are grouped by label (in ``kept``'s order) and,
-        within a label, in skimage's order.
-    """
+def padded_ranks(labels: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """(H + 2, W + 2) int32: ``labels`` (H, W) int zero-padded by one pixel, each label of
+    ``kept`` (sorted) replaced by its rank 1..K in it, every other label by 0. When ``kept``
+    is 1..K and holds every label (a relabelled window), the labels themselves."""
     kept = np.asarray(kept, dtype=np.int64)
     h, w = labels.shape
     top = int(labels.max(initial=0))
@@ -67,40 +60,75 @@ def rings(labels: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray,
         lut = np.zeros(max(top, int(kept.max(initial=0))) + 1, np.int32)
         lut[kept] = np.arange(1, len(kept) + 1, dtype=np.int32)
         pad[1:-1, 1:-1] = lut[labels]  # ranks 1..K; labels not kept -> background
+    return pad
 
-    # Squares whose four corners are not all one value: the only ones with segments.
-    ul, ur, ll, lr = pad[:-1, :-1], pad[:-1, 1:], pad[1:, :-1], pad[1:, 1:]
-    sq = np.flatnonzero((ul != ur) | (ul != ll) | (ul != lr))
-    r0, c0 = np.divmod(sq, w + 1)
-    at = r0 * (w + 2) + c0  # the square's top-left pixel in pad, raveled
+
+def rings(labels: np.ndarray, kept: np.ndarray,
+          pad: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Outline rings of each label in ``kept``, as skimage's ``find_contours`` traces them.
+
+    Args:
+        labels: (H, W) int labels, 0 = background.
+        kept: sorted int labels to outline (each must occur in ``labels``).
+        pad: `padded_ranks(labels, kept)` when the caller has it (`morphometry.perimeters`
+            reads it too).
+
+    Returns:
+        ``(xy, ring_start, ring_owner)``: xy (V, 2) float64 closed rings one after the other
+        (each repeats its first vertex at its end), in pixel-corner coordinates of
+        ``labels`` (pixel ``(r, c)`` spans ``[c, c+1) x [r, r+1)``; x = column); ring_start
+        (R + 1,) int64 offsets of the rings in ``xy``; ring_owner (R,) int64 index into
+        ``kept`` of each ring's label. Rings are grouped by label (in ``kept``'s order) and,
+        within a label, in skimage's order.
+    """
+    kept = np.asarray(kept, dtype=np.int64)
+    w = labels.shape[1]
+    pad = padded_ranks(labels, kept) if pad is None else pad
+
+    # Squares whose four corners are not all one value: the only ones with segments. A square
+    # is named by its top-left pixel's raveled index in ``pad``; on the flat array, "right"
+    # and "below" are offsets 1 and w + 2 (contiguous comparisons, ~2x cheaper than of 2-D
+    # slices). The squares of the last column would wrap to the next row, but their corners
+    # are all padding (0): never picked.
     flat = pad.ravel()
-    a, b, c, d = flat[at], flat[at + 1], flat[at + w + 2], flat[at + w + 3]
+    stride = w + 2
+    right = flat[:-1] != flat[1:]  # pixel i differs from i + 1
+    below = flat[:-stride] != flat[stride:]  # pixel i differs from i + stride
+    m = len(below) - 1  # squares with a pixel below-right
+    at = np.flatnonzero(right[:m] | right[stride : stride + m] | below[:m] | below[1 : m + 1])
+    a, b, c, d = flat[at], flat[at + 1], flat[at + stride], flat[at + stride + 1]
     # One entry per (square, object among its corners): the object's first corner names it;
     # its case from the six pairwise equalities, computed once (not per corner).
     ab, ac, ad, bc, bd, cd = (x.view(np.uint8) for x in (a == b, a == c, a == d, b == c, b == d, c == d))
     firsts = (a > 0, (b > 0) & (ab == 0), (c > 0) & ((ac | bc) == 0), (d > 0) & ((ad | bd | cd) == 0))
     cases = (1 | (ab << 1) | (ac << 2) | (ad << 3), ab | 2 | (bc << 2) | (bd << 3),
              ac | (bc << 1) | 4 | (cd << 3), ad | (bd << 1) | (cd << 2) | 8)
-    owner = np.concatenate([lab[f] for lab, f in zip((a, b, c, d), firsts)])
-    square = np.concatenate([sq[f] for f in firsts])
-    case = np.concatenate([k[f] for k, f in zip(cases, firsts)])
-    # Segments: every entry's first, then the second of saddles; sorted by (object, scan order).
-    two = _NSEG[case] == 2
-    owner = np.concatenate([owner, owner[two]]).astype(np.int64)
-    j = np.concatenate([np.zeros(len(case), np.int64), np.ones(int(two.sum()), np.int64)])
-    square = np.concatenate([square, square[two]])
-    case = np.concatenate([case, case[two]])
-    order = np.argsort((owner * len(pad.ravel()) + square) * 2 + j)  # unique keys
-    owner, square, seg = owner[order], square[order], _SEG[case[order], j[order]]
-    r0, c0 = np.divmod(square, w + 1)
-    fr, fc = 2 * r0 + seg[:, 0], 2 * c0 + seg[:, 1]  # doubled padded (row, col) of the start
-    width = 2 * w + 5
-    npts = (2 * h + 5) * width
-    start_key = owner * npts + fr * width + fc
-    end_key = owner * npts + (2 * r0 + seg[:, 2]) * width + 2 * c0 + seg[:, 3]
-    by_start = np.argsort(start_key)
-    succ = by_start[np.searchsorted(start_key, end_key, sorter=by_start)]
-
+    # Entries in scan order: by square, then corner (the (m, 4) stacks, raveled).
+    entry = np.flatnonzero(np.stack(firsts, 1))
+    owner = np.stack((a, b, c, d), 1).ravel()[entry]
+    case = np.stack(cases, 1).ravel()[entry]
+    # Segments: each entry's first, then a saddle's second right after it; then sorted by
+    # object, stably (an object has one entry per square): (object, scan order). By radix
+    # on 16 bits when the objects' ranks fit, ~2x cheaper than sorting unique int64 keys.
+    nseg = _NSEG[case]
+    rep = np.repeat(np.arange(len(entry)), nseg)
+    cj = 2 * case[rep].astype(np.int64)
+    cj[np.cumsum(nseg)[nseg == 2] - 1] += 1  # 2 * case + j
+    owner = owner[rep]
+    order = np.argsort(owner.astype(np.uint16 if len(kept) < 2**16 else np.int64), kind="stable")
+    owner, square, cj = owner[order].astype(np.int64), at[entry[rep[order]] >> 2], cj[order]
+    r0, c0 = np.divmod(square, stride)
+    fr, fc = 2 * r0 + _FROM_R[cj], 2 * c0 + _FROM_C[cj]  # doubled padded (row, col) of the start
+    # A segment's successor starts where it ends: in the square across its end side, for the
+    # same object, on the side that square shares. An object has at most one segment per
+    # square ending on a given side and one starting on it, so the segments ending on B, in
+    # (object, square) order, and those starting on T, in (object, square) order, are the
+    # same list of squares one row apart: matched in order, without a search (and T <-> B,
+    # L <-> R, R <-> L likewise).
+    start, end = _FROM[cj], _TO[cj]
+    succ = np.empty(len(cj), np.int64)
+    for side in range(4):
+        succ[end == side] = np.flatnonzero(start == _OPPOSITE[side])
     n = len(succ)
     if n == 0:
         return np.zeros((0, 2)), np.zeros(1, np.int64), np.zeros(0, np.int64)

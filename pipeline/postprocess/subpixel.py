@@ -46,35 +46,34 @@ def follow_probability(xy: np.ndarray, owner: np.ndarray, labels: np.ndarray, pr
     if len(xy) == 0:
         return xy.copy()
     h, w = labels.shape
-    x2, y2 = np.rint(2 * xy[:, 0]).astype(np.int64), np.rint(2 * xy[:, 1]).astype(np.int64)
-    across = x2 % 2 == 0  # x on a pixel corner line: the segment joins a left and a right centre
-    # The two pixels: (r1, c1) above / left of the vertex, (r2, c2) below / right.
-    r1 = np.where(across, (y2 - 1) // 2, y2 // 2 - 1)
-    c1 = np.where(across, x2 // 2 - 1, (x2 - 1) // 2)
+    x2, y2 = np.rint(2 * xy).astype(np.int64).T  # doubled: >= 0, exactly one of them odd
+    across = (x2 & 1) == 0  # x on a pixel corner line: the segment joins a left and a right centre
+    # The two pixels: (r1, c1) above / left of the vertex, (r2, c2) below / right;
+    # (y2 - 1) // 2 and x2 // 2 - 1 across, y2 // 2 - 1 and (x2 - 1) // 2 else.
+    r1 = (y2 >> 1) - 1 + across
+    c1 = (x2 >> 1) - across
     r2, c2 = r1 + (~across), c1 + across
     bx0, by0, bx1, by1 = (0, 0, w, h) if box is None else box
     inside = (r1 >= by0) & (c1 >= bx0) & (r2 < by1) & (c2 < bx1)
     # Raveled indices of the two pixels (clipped: outside ``box`` their values are not used).
     i1 = np.clip(r1, 0, h - 1) * w + np.clip(c1, 0, w - 1)
     i2 = np.clip(r2, 0, h - 1) * w + np.clip(c2, 0, w - 1)
-    flat_labels, flat_prob = labels.ravel(), prob.ravel()
-    lab1 = np.where(inside, flat_labels[i1], 0)
-    lab2 = np.where(inside, flat_labels[i2], 0)
-    p1 = flat_prob[i1].astype(np.float64)
-    p2 = flat_prob[i2].astype(np.float64)
-    first_in = lab1 == owner  # else the object's pixel is the second one
-    if context is not None:
-        flat_context = context.ravel()
-        lab1, lab2 = np.where(inside, flat_context[i1], 0), np.where(inside, flat_context[i2], 0)
-    other = np.where(first_in, lab2, lab1)
+    # Which one is the object's (outside ``box`` either: the vertex stays half-way anyway).
+    first_in = labels.ravel()[i1] == owner
+    i_in, i_out = np.where(first_in, i1, i2), np.where(first_in, i2, i1)
+    other = (labels if context is None else context).ravel()[i_out]
+    flat_prob = prob.ravel()
     eps = 1e-3
-    p_in = np.maximum(np.where(first_in, p1, p2), threshold + eps)
-    p_out = np.minimum(np.where(first_in, p2, p1), threshold - eps)
+    p_in = np.maximum(flat_prob[i_in].astype(np.float64), threshold + eps)
+    p_out = np.minimum(flat_prob[i_out].astype(np.float64), threshold - eps)
     t = np.clip((p_in - threshold) / (p_in - p_out), MARGIN, 1 - MARGIN)
-    t = np.where(inside & (other == 0), t, 0.5)
-    # Position from the first centre: t out of it when it is the object's, else 1 - t.
-    s = np.where(first_in, t, 1 - t)
+    t[~(inside & (other == 0))] = 0.5
+    # The coordinate along the segment (x across, y else), from the first centre: t out of
+    # it when it is the object's, else 1 - t.
+    moved = np.where(across, c1, r1) + 0.5
+    moved += np.where(first_in, t, 1 - t)
     out = xy.copy()
-    out[:, 0] = np.where(across, c1 + 0.5 + s, xy[:, 0])
-    out[:, 1] = np.where(across, xy[:, 1], r1 + 0.5 + s)
+    at = np.arange(1, 2 * len(xy), 2)  # raveled (vertex, 1); (vertex, 0) across
+    at -= across
+    out.ravel()[at] = moved
     return out

@@ -27,11 +27,11 @@ from scipy import ndimage as ndi
 from skimage.feature import peak_local_max
 
 from nucleiflow.pipeline.postprocess.binary import fill_holes, open_disk
-from nucleiflow.pipeline.postprocess.flood import seeded_flood
+from nucleiflow.pipeline.postprocess.flood import seeded_flood_pixels
 # hv_edge, hv_energy are looked up here at call time: benchmarks/ceiling_child.py times them
 # by patching these names.
 from nucleiflow.pipeline.postprocess.edge_map import dense_windows, edge_setup, hv_edge, hv_energy
-from nucleiflow.pipeline.postprocess.labels import remove_small_fg, remove_unsure
+from nucleiflow.pipeline.postprocess.labels import remove_small_fg, remove_unsure_pixels
 
 #: Every method's mask threshold on the NP probability when a card leaves it unset.
 DEFAULT_PROB_THRESHOLD = 0.5
@@ -51,6 +51,7 @@ __all__ = [
     "marker_watershed",
     "mask_threshold",
     "postprocess",
+    "postprocess_pixels",
 ]
 
 # 8-connectivity: a nucleus touching another only at a corner is still one blob.
@@ -74,7 +75,7 @@ def _foreground(prob: np.ndarray, threshold: float, min_size: int) -> tuple[np.n
 
 def _seeded_watershed(
     energy: np.ndarray, seeds: np.ndarray, mask: np.ndarray, components: np.ndarray, fg: np.ndarray | None = None,
-) -> np.ndarray:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Watershed of ``energy`` from ``seeds`` inside ``mask``; unseeded components kept whole.
 
     energy (H, W) float, low = nucleus centre; seeds (H, W) int, 0 = none; mask (H, W) bool;
@@ -82,9 +83,15 @@ def _seeded_watershed(
     ``components > 0``; ``fg``: the raveled indices of its pixels, if known). Returns int32 1..N. Same labels as scikit-image's
     ``watershed(energy, markers=seeds * mask, mask=mask, connectivity=2)``, seedless
     components then numbered ``component + max seed``, made consecutive; `flood.seeded_flood`
-    floods only the components where seeds compete.
+    floods only the components where seeds compete. With the object pixels and their labels
+    (`flood.seeded_flood_pixels`).
     """
-    return seeded_flood(energy, seeds, components, fg)
+    return seeded_flood_pixels(energy, seeds, components, fg)
+
+
+def _none(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """No object: (int32 zeros of ``shape``, no pixels, no labels)."""
+    return np.zeros(shape, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int32)
 
 
 def hv_watershed(
@@ -133,6 +140,27 @@ def hv_watershed(
     min-max sees on exact MoNuSeg maps at 0.5 um/px with ksize 11 (min -0.69..-0.87 B,
     max 0.52..0.61 B), so thresholds keep their HoVer-Net meaning.
     """
+    return _hv_watershed(prob, hv, edge=edge, energy=energy, seedable=seedable, prob_threshold=prob_threshold,
+                          marker_threshold=marker_threshold, min_size=min_size, ksize=ksize,
+                          opening_radius=opening_radius, normalise=normalise, gradient_range=gradient_range)[0]
+
+
+def _hv_watershed(
+    prob: np.ndarray,
+    hv: np.ndarray | None = None,
+    *,
+    edge: np.ndarray | None = None,
+    energy: np.ndarray | None = None,
+    seedable: np.ndarray | None = None,
+    prob_threshold: float = DEFAULT_PROB_THRESHOLD,
+    marker_threshold: float = 0.4,
+    min_size: int = 10,
+    ksize: int = 21,
+    opening_radius: int = 2,
+    normalise: str = "fixed",
+    gradient_range: tuple[float, float] = (-0.8, 0.55),
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`hv_watershed`, with its object pixels (raveled indices ascending) and their labels."""
     prob = np.asarray(prob)
     if (energy is None) != (seedable is None):
         raise ValueError("energy and seedable come together")
@@ -148,7 +176,7 @@ def hv_watershed(
     edge_setup(**setup)  # bad values fail here, whichever map came in
     mask, components, fg = _foreground(prob, prob_threshold, min_size)
     if not mask.any():
-        return np.zeros(prob.shape, np.int32)
+        return _none(prob.shape)
     if energy is None and edge is None and normalise == "fixed":
         energy, seedable = _dense_near(prob, hv, mask, setup, prob_threshold, marker_threshold)
     elif energy is None:
@@ -205,12 +233,25 @@ def marker_watershed(
     Euclidean distance to the background. Mask components without a seed keep their own
     label. Returns int32 (H, W) labels 1..N.
     """
+    return _marker_watershed(prob, marker, prob_threshold=prob_threshold, marker_threshold=marker_threshold,
+                             min_size=min_size)[0]
+
+
+def _marker_watershed(
+    prob: np.ndarray,
+    marker: np.ndarray,
+    *,
+    prob_threshold: float = DEFAULT_PROB_THRESHOLD,
+    marker_threshold: float = 0.5,
+    min_size: int = 10,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`marker_watershed`, with its object pixels (raveled indices ascending) and their labels."""
     prob, marker = np.asarray(prob), np.asarray(marker)
     if marker.shape != prob.shape:
         raise ValueError(f"marker must have prob's shape {prob.shape}, got {marker.shape}")
     mask, components, fg = _foreground(prob, prob_threshold, min_size)
     if not mask.any():
-        return np.zeros(prob.shape, np.int32)
+        return _none(prob.shape)
     seeds, _ = ndi.label((marker >= marker_threshold) & mask, structure=_CONN8)
     energy = -ndi.distance_transform_edt(mask)
     return _seeded_watershed(energy, seeds, mask, components, fg)
@@ -236,10 +277,23 @@ def distance_watershed(
     ridges with many local maxima. On MoNuSeg ground-truth masks (0.25 um/px) it lifts AJI
     from ~0.6-0.7 (sigma 0) to ~0.85-0.9 (sigma 2).
     """
+    return _distance_watershed(prob, prob_threshold=prob_threshold, min_distance=min_distance, min_size=min_size,
+                               smooth_sigma=smooth_sigma)[0]
+
+
+def _distance_watershed(
+    prob: np.ndarray,
+    *,
+    prob_threshold: float = DEFAULT_PROB_THRESHOLD,
+    min_distance: int = 3,
+    min_size: int = 10,
+    smooth_sigma: float = 2.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`distance_watershed`, with its object pixels (raveled indices ascending) and their labels."""
     prob = np.asarray(prob)
     mask, components, fg = _foreground(prob, prob_threshold, min_size)
     if not mask.any():
-        return np.zeros(prob.shape, np.int32)
+        return _none(prob.shape)
     dist = ndi.distance_transform_edt(mask)
     if smooth_sigma > 0:
         dist = ndi.gaussian_filter(dist, smooth_sigma)
@@ -263,21 +317,25 @@ def _squeeze_channel(a: np.ndarray) -> np.ndarray:
     return a[0] if a.ndim == 3 and a.shape[0] == 1 else a
 
 
-METHODS: dict[str, Callable[..., np.ndarray]] = {
-    "hv": lambda maps, **kw: hv_watershed(
+_PIXEL_METHODS: dict[str, Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]] = {
+    "hv": lambda maps, **kw: _hv_watershed(
         _squeeze_channel(_tile_map(maps, "prob", "hv")),
         None if "edge" in maps or "energy" in maps else _tile_map(maps, "hv", "hv"),
         **{k: _squeeze_channel(np.asarray(maps[k])) for k in ("edge", "energy", "seedable") if k in maps},
         **kw,
     ),
-    "marker": lambda maps, **kw: marker_watershed(
+    "marker": lambda maps, **kw: _marker_watershed(
         _squeeze_channel(_tile_map(maps, "prob", "marker")),
         _squeeze_channel(_tile_map(maps, "marker", "marker")),
         **kw,
     ),
-    "distance": lambda maps, **kw: distance_watershed(
+    "distance": lambda maps, **kw: _distance_watershed(
         _squeeze_channel(_tile_map(maps, "prob", "distance")), **kw
     ),
+}
+
+METHODS: dict[str, Callable[..., np.ndarray]] = {
+    name: (lambda fn: lambda maps, **kw: fn(maps, **kw)[0])(fn) for name, fn in _PIXEL_METHODS.items()
 }
 """Post-processing methods by name: each takes (maps, **params) -> int32 labels (H, W)."""
 
@@ -293,10 +351,16 @@ def postprocess(maps: Mapping[str, np.ndarray], method: str, *, min_mean_prob: f
     (`labels.remove_unsure`; 0 = keep all).
     Returns int32 (H, W), 0 = background, nuclei 1..N.
     """
-    if method not in METHODS:
-        valid = ", ".join(sorted(METHODS))
+    return postprocess_pixels(maps, method, min_mean_prob=min_mean_prob, **params)[0]
+
+
+def postprocess_pixels(maps: Mapping[str, np.ndarray], method: str, *, min_mean_prob: float = 0.0,
+                       **params: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`postprocess`, and the object pixels of its labels: (int32 (H, W) labels, their raveled
+    indices (n,) int64 ascending, their labels (n,) int32). The watershed has them at hand; a
+    caller that needs them (`infer.workers.process_tile`) saves two passes over the tile."""
+    if method not in _PIXEL_METHODS:
+        valid = ", ".join(sorted(_PIXEL_METHODS))
         raise ValueError(f"unknown post-processing method {method!r}; valid: {valid}")
-    labels = METHODS[method](maps, **params)
-    if min_mean_prob > 0:
-        labels = remove_unsure(labels, _squeeze_channel(_tile_map(maps, "prob", method)), min_mean_prob)
-    return labels
+    labels, fg, lab = _PIXEL_METHODS[method](maps, **params)
+    return remove_unsure_pixels(labels, fg, lab, _squeeze_channel(_tile_map(maps, "prob", method)), min_mean_prob)

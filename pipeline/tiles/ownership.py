@@ -154,6 +154,33 @@ def inside_slide(labels: np.ndarray, tile: Tile, plan: TilePlan) -> np.ndarray:
     return out
 
 
+def inside_slide_pixels(labels: np.ndarray, fg: np.ndarray, lab: np.ndarray, tile: Tile,
+                        plan: TilePlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`inside_slide` of ``labels`` (H, W) whose object pixels are ``fg`` (n,) (raveled
+    indices, ascending) with labels ``lab`` (n,), and the object pixels and labels left.
+    ``labels`` is given up by the caller: cleared in place past the slide's edges (no copy
+    of the whole window; its object pixels found without a pass over it)."""
+    h, w = labels.shape
+    cx0, cy0, cx1, cy1 = slide_box(tile, plan, labels.shape)
+    if (cx0, cy0, cx1, cy1) == (0, 0, w, h):
+        return labels, fg, lab
+    cx0, cy0, cx1, cy1 = max(cx0, 0), max(cy0, 0), max(min(cx1, w), 0), max(min(cy1, h), 0)
+    if cx0 >= cx1 or cy0 >= cy1:
+        labels[:] = 0
+        return labels, fg[:0], lab[:0]
+    labels[:cy0] = 0
+    labels[cy1:] = 0
+    labels[:, :cx0] = 0
+    labels[:, cx1:] = 0
+    lo, hi = np.searchsorted(fg, [cy0 * w, cy1 * w])  # the rows inside: a run of ``fg``
+    fg, lab = fg[lo:hi], lab[lo:hi]
+    if cx0 > 0 or cx1 < w:
+        col = fg % w
+        on = (col >= cx0) & (col < cx1)
+        fg, lab = fg[on], lab[on]
+    return labels, fg, lab
+
+
 def own_tile(tile: Tile, labels: np.ndarray, prob: np.ndarray, plan: TilePlan,
              sums: tuple[np.ndarray, ...] | None = None,
              pixels: tuple[np.ndarray, np.ndarray] | None = None) -> TileNuclei:

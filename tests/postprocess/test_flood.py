@@ -76,3 +76,29 @@ def test_a_seed_cut_in_two_by_the_mask():
     got = seeded_flood(energy, seeds, comps)
     np.testing.assert_array_equal(got, reference(energy, seeds, comps))
     assert (got[:, 0:3] == got[1, 4]).all() and (got[:, 7:9] != got[1, 4]).all()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_seed_interior_is_the_seeded_pixels_with_nothing_to_flood(seed):
+    """seed_interior = seeded pixels whose 3x3 neighbourhood is all seeded or off the mask,
+    outside the array counting as off the mask (scipy's erosion with border_value=1)."""
+    rng = np.random.default_rng(seed)
+    mask = ndi.gaussian_filter(rng.random((60, 70)), 2) > 0.45
+    seeded = mask & (ndi.gaussian_filter(rng.random(mask.shape), 2) > 0.5)
+    want = seeded & ndi.binary_erosion(seeded | ~mask, structure=CONN8, border_value=1)
+    got = flood.seed_interior(seeded, mask)
+    np.testing.assert_array_equal(got, want)
+    assert got.any() and (seeded & ~got).any()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_large_seeds_flood_as_the_whole_tile(seed):
+    """Seeds large enough to have interiors (left out of the heap): the same labels."""
+    rng = np.random.default_rng(seed)
+    mask = ndi.gaussian_filter(rng.random((150, 160)), 4) > 0.48
+    comps, _ = ndi.label(mask, structure=CONN8)
+    energy = ndi.gaussian_filter(rng.random(mask.shape), 2).astype(np.float32)
+    seeds, _ = ndi.label(ndi.binary_erosion(energy < np.quantile(energy, 0.3), iterations=1), structure=CONN8)
+    assert flood.seed_interior(seeds > 0, mask).sum() > 100
+    got = seeded_flood(energy, seeds, comps)
+    np.testing.assert_array_equal(got, reference(energy, seeds, comps))

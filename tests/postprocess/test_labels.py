@@ -61,6 +61,25 @@ def test_remove_unsure_is_the_whole_array_formula():
         np.testing.assert_array_equal(got, want)
 
 
+def test_remove_unsure_pixels_is_remove_unsure_with_its_pixels():
+    from nucleiflow.pipeline.postprocess.labels import remove_unsure, remove_unsure_pixels
+
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 40, (61, 73)).astype(np.int32)
+    labels[rng.random(labels.shape) < 0.7] = 0
+    prob = rng.random(labels.shape).astype(np.float32)
+    fg = object_pixels(labels)
+    for t in (0.0, 0.3, 0.5, 0.55):
+        out, got_fg, got_lab = remove_unsure_pixels(labels, fg, labels.ravel()[fg], prob, t)
+        np.testing.assert_array_equal(out, remove_unsure(labels, prob, t))
+        np.testing.assert_array_equal(got_fg, object_pixels(out))
+        np.testing.assert_array_equal(got_lab, out.ravel()[got_fg])
+        assert out.dtype == got_lab.dtype == np.int32
+    empty = np.zeros((3, 4), np.int32)
+    out, got_fg, got_lab = remove_unsure_pixels(empty, np.zeros(0, np.int64), np.zeros(0, np.int32), empty, 0.5)
+    assert not out.any() and got_fg.size == got_lab.size == 0
+
+
 def _blobs(scale: float, n: int = 40) -> tuple[np.ndarray, np.ndarray]:
     """Two touching elliptic blobs sampled at pixel centres of an (n*scale)^2 grid:
     (probability float (H, W), the label of the nearer blob centre (H, W) where prob >= 0.5)."""

@@ -8,6 +8,7 @@ from skimage import draw, measure
 
 from nucleiflow.pipeline.postprocess import labels as L
 from nucleiflow.pipeline.postprocess import morphometry as P
+from nucleiflow.pipeline.postprocess.outlines import padded_ranks
 from nucleiflow.pipeline.tiles import ownership as O
 from nucleiflow.pipeline.tiles.plan import Box
 
@@ -210,6 +211,10 @@ def test_perimeters_of_all_nuclei_match_skimage_to_the_bit():
     fg = np.flatnonzero(lab)  # the caller's foreground indices: same answer
     assert P.perimeters(lab, kept, fg).tolist() == expected
     assert P.perimeters(lab, kept[::2], fg).tolist() == expected[::2]
+    # With the padded ranks the outlines read too: same answer.
+    for k in (kept, kept[::2], kept[1::3]):
+        pad = padded_ranks(lab, k)
+        assert P.perimeters(lab, k, fg, pad).tolist() == [expected[i - 1] for i in k]
 
 
 def test_scaled_is_shapelys_transform():
@@ -239,3 +244,35 @@ def test_nuclei_table_with_the_callers_pixels_and_moments_is_the_same():
             np.testing.assert_array_equal(v, given[k])
     with pytest.raises(ValueError):
         P.nuclei_table(labels, prob, **kw, sums=P.moments(labels))
+
+
+def test_single_ring_outlines_are_valid_polygons():
+    """Why `_outlines` checks only objects with several rings: a single ring, moved to the
+    probability's crossing or not, is always a valid polygon (saddles, touching objects,
+    array edges, probabilities on the threshold included)."""
+    from scipy import ndimage as ndi
+
+    from nucleiflow.pipeline.postprocess.outlines import rings
+    from nucleiflow.pipeline.postprocess.subpixel import follow_probability
+
+    rng = np.random.default_rng(0)
+    checked = 0
+    for trial in range(150):
+        h, w = rng.integers(4, 40, 2)
+        if trial % 3 == 0:
+            lab = rng.integers(0, 5, (h, w)).astype(np.int32)
+        else:
+            lab = ndi.label(ndi.gaussian_filter(rng.random((h, w)), 1.2) > 0.5, np.ones((3, 3)))[0]
+            lab = np.where((lab > 0) & (rng.random(lab.shape) < 0.15), lab + 50, lab).astype(np.int32)
+        kept = np.unique(lab[lab > 0])
+        if not len(kept):
+            continue
+        xy, start, owner = rings(lab, kept)
+        if trial % 4:
+            prob = rng.random((h, w)) if trial % 2 else rng.choice([0.0, 0.39, 0.4, 0.41, 1.0], (h, w))
+            xy = follow_probability(xy, kept[np.repeat(owner, np.diff(start))], lab, prob, 0.4)
+        polys = P._polygons(xy + rng.integers(0, 3000, 2), start, owner, len(kept))
+        single = np.bincount(owner, minlength=len(kept)) == 1
+        assert shapely.is_valid(polys[single]).all()
+        checked += single.sum()
+    assert checked > 300

@@ -6,7 +6,7 @@ import pytest
 from scipy import ndimage as ndi
 from skimage import measure
 
-from nucleiflow.pipeline.postprocess.outlines import rings
+from nucleiflow.pipeline.postprocess.outlines import padded_ranks, rings
 
 
 def skimage_rings(labels: np.ndarray, kept: np.ndarray) -> list[list[np.ndarray]]:
@@ -47,6 +47,20 @@ def test_rings_match_find_contours_vertex_for_vertex(seed):
                 np.testing.assert_array_equal(a, b)
 
 
+def test_padded_ranks_and_rings_from_them():
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, 9, (17, 23)).astype(np.int32)
+    for kept in (np.arange(1, 9), np.array([2, 3, 7]), np.array([1, 8, 12])):  # 12: beyond every label
+        pad = padded_ranks(labels, kept)
+        want = np.zeros((19, 25), np.int32)
+        for rank, k in enumerate(kept, 1):
+            want[1:-1, 1:-1][labels == k] = rank
+        np.testing.assert_array_equal(pad, want)
+        present = kept[np.isin(kept, labels)]
+        for a, b in zip(rings(labels, present), rings(labels, present, padded_ranks(labels, present))):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_ring_of_a_ring_shaped_nucleus_and_its_hole():
     labels = np.zeros((7, 7), np.int32)
     labels[1:6, 1:6] = 5
@@ -61,3 +75,17 @@ def test_ring_of_a_ring_shaped_nucleus_and_its_hole():
 def test_no_objects_no_rings():
     xy, start, owner = rings(np.zeros((3, 4), np.int32), np.array([], np.int64))
     assert xy.shape == (0, 2) and start.tolist() == [0] and owner.size == 0
+
+
+def test_more_objects_than_16_bits_of_ranks():
+    """70,225 single-pixel objects: past the 16-bit radix sort, each still its own diamond."""
+    labels = np.zeros((530, 530), np.int32)
+    labels[::2, ::2] = np.arange(1, 265 * 265 + 1).reshape(265, 265)
+    kept = np.arange(1, 265 * 265 + 1)
+    xy, start, owner = rings(labels, kept)
+    one, _, _ = rings(np.ones((1, 1), np.int32), np.array([1]))
+    np.testing.assert_array_equal(start, np.arange(len(kept) + 1) * len(one))
+    np.testing.assert_array_equal(owner, np.arange(len(kept)))
+    r, c = np.divmod(np.flatnonzero(labels), 530)
+    want = one[None] + np.stack([c, r], 1)[:, None, :]
+    np.testing.assert_array_equal(xy.reshape(len(kept), len(one), 2), want)

@@ -107,3 +107,47 @@ def test_a_nucleus_only_in_the_context_stops_the_outline_half_way():
     for k in a:  # every other vertex moves as before
         if k != (2.0, 1.5):
             assert a[k] == b[k]
+
+
+def _one_vertex(x: float, y: float, owner: int, labels, prob, threshold, box, context) -> tuple[float, float]:
+    """follow_probability's rule for one vertex, written out."""
+    h, w = labels.shape
+    if round(2 * x) % 2 == 0:  # on a vertical corner line: left and right centres
+        (r1, c1), (r2, c2) = (int(y), round(x) - 1), (int(y), round(x))
+    else:  # on a horizontal one: above and below
+        (r1, c1), (r2, c2) = (round(y) - 1, int(x)), (round(y), int(x))
+    bx0, by0, bx1, by1 = (0, 0, w, h) if box is None else box
+    if not (r1 >= by0 and c1 >= bx0 and r2 < by1 and c2 < bx1):
+        return x, y
+    first_in = labels[r1, c1] == owner
+    (ri, ci), (ro, co) = ((r1, c1), (r2, c2)) if first_in else ((r2, c2), (r1, c1))
+    if (labels if context is None else context)[ro, co] != 0:
+        return x, y
+    p_in, p_out = max(float(prob[ri, ci]), threshold + 1e-3), min(float(prob[ro, co]), threshold - 1e-3)
+    t = min(max((p_in - threshold) / (p_in - p_out), MARGIN), 1 - MARGIN)
+    s = t if first_in else 1 - t
+    return (c1 + 0.5 + s, y) if c1 != c2 else (x, r1 + 0.5 + s)
+
+
+def test_every_vertex_follows_the_rule_written_out():
+    """Random labels with touching objects, a box, a context: each vertex as the scalar rule."""
+    from scipy import ndimage as ndi
+
+    from nucleiflow.pipeline.postprocess.outlines import rings
+
+    rng = np.random.default_rng(1)
+    for trial in range(12):
+        h, w = rng.integers(5, 40, 2)
+        lab, _ = ndi.label(ndi.gaussian_filter(rng.random((h, w)), 1.5) > 0.5, np.ones((3, 3)))
+        lab = np.where((lab > 0) & (rng.random(lab.shape) < 0.1), lab + 100, lab).astype(np.int32)
+        kept = np.unique(lab[lab > 0])[:: 1 + trial % 2]
+        if not len(kept):
+            continue
+        xy, start, ring_owner = rings(lab, kept)
+        owner = kept[np.repeat(ring_owner, np.diff(start))]
+        prob = rng.random((h, w)).astype(np.float32 if trial % 2 else np.float64)
+        box = None if trial % 3 == 0 else (1, 2, int(w) - 1, int(h) - 2)
+        context = None if trial % 4 == 0 else np.where(rng.random(lab.shape) < 0.05, 999, lab)
+        got = follow_probability(xy, owner, lab, prob, 0.4, box, context)
+        want = [_one_vertex(x, y, o, lab, prob, 0.4, box, context) for (x, y), o in zip(xy, owner)]
+        np.testing.assert_array_equal(got, np.array(want))

@@ -120,6 +120,23 @@ def test_two_touching_discs_come_apart(method):
 
 
 @pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("min_mean_prob", [0.0, 0.9])
+def test_postprocess_pixels_are_the_labels_object_pixels(method, min_mean_prob):
+    truth = two_discs()
+    maps = exact_maps(truth)
+    maps["prob"] = maps["prob"] * np.linspace(0.8, 1.0, truth.shape[1], dtype=np.float32)  # one disc is unsure
+    want = postprocess.postprocess(maps, method, min_mean_prob=min_mean_prob)
+    labels, fg, lab = postprocess.postprocess_pixels(maps, method, min_mean_prob=min_mean_prob)
+    np.testing.assert_array_equal(labels, want)
+    np.testing.assert_array_equal(fg, np.flatnonzero(want))
+    np.testing.assert_array_equal(lab, want.ravel()[fg])
+    assert lab.dtype == np.int32 and want.max() == (1 if min_mean_prob else 2)
+    empty = {k: np.zeros_like(v) for k, v in maps.items()}
+    labels, fg, lab = postprocess.postprocess_pixels(empty, method, min_mean_prob=min_mean_prob)
+    assert not labels.any() and fg.size == lab.size == 0
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_empty_prob_gives_no_nuclei(method):
     maps = {"prob": np.zeros((32, 40), np.float32), "hv": np.zeros((2, 32, 40), np.float32),
             "marker": np.zeros((32, 40), np.float32)}

@@ -345,6 +345,22 @@ def test_own_tile_with_the_callers_moments_is_the_same():
     np.testing.assert_array_equal(sums[0][pixeled.extra["owned"]], [1, 2])
 
 
+def test_inside_slide_pixels_keeps_the_object_pixels_inside():
+    from nucleiflow.pipeline.tiles.ownership import inside_slide, inside_slide_pixels
+
+    plan = plan_tiles(60, 20, MPP, MPP, tile_size=10, halo=15)
+    w = plan.tile_size + 2 * plan.halo
+    rng = np.random.default_rng(0)
+    win = (rng.integers(0, 5, (w, w)) * (rng.random((w, w)) < 0.4)).astype(np.int32)
+    for tile in plan:  # edge tiles are clipped on one or two sides, inner ones not at all
+        fg = np.flatnonzero(win)
+        labels, got_fg, got_lab = inside_slide_pixels(win.copy(), fg, win.ravel()[fg], tile, plan)
+        want = inside_slide(win, tile, plan)
+        np.testing.assert_array_equal(labels, want)
+        np.testing.assert_array_equal(got_fg, np.flatnonzero(want))
+        np.testing.assert_array_equal(got_lab, want.ravel()[got_fg])
+
+
 def test_own_tile_prob_is_the_rounded_clipped_uint8_core():
     """The core's probability as uint8: rint(prob * 255) clipped to 0..255, out-of-range and
     half-way values included, for float32 and float64 maps."""
