@@ -44,6 +44,7 @@ def build_card(cfg: Any, result: dict, metrics: dict | None, outputs: dict[str, 
             "teacher": cfg.teacher.model_dump() if cfg.teacher else None,
             "augment": cfg.augment.model_dump(),
             "init": cfg.init,
+            "tune_postprocess": cfg.tune_postprocess,
         },
         "data": _data_record(cfg, result),
         "metrics": {},
@@ -96,6 +97,14 @@ def compare_rows(old: dict | None, new: dict) -> list[tuple[str, str, str, str]]
     return rows
 
 
+def _trained_images(data: dict) -> int:
+    """Train images of the sets that gave patches (a weight-0 set only validates)."""
+    sets = data.get("sets")
+    if not sets:
+        return len(data.get("train") or [])
+    return sum(s.get("train") or 0 for s in sets if s.get("weight", 1.0) > 0)
+
+
 def render_markdown(card: dict) -> str:
     """A human-readable model card (README.md beside model.json), from the card itself."""
     m = card.get("metrics") or {}
@@ -109,11 +118,12 @@ def render_markdown(card: dict) -> str:
         f"{card.get('parameters', 0):,} parameters, outputs `{json_dumps(card.get('outputs'))}`",
         f"- input: {card.get('input', 'RGB / 255')} at **{card.get('mpp')} um/px**; stain normalisation: "
         f"{'Macenko to a stored reference' if (card.get('normalisation') or {}).get('stain') else 'none'}",
-        f"- post-processing: `{json_dumps(card.get('postprocess'))}` (thresholds chosen on the validation images"
+        f"- post-processing: `{json_dumps(card.get('postprocess'))}` ("
+        + ("as the training config gives it" if t.get("tune_postprocess") is False and not card.get("tuning")
+           else "thresholds chosen on the validation images")
         + (f", objective {card['tuning']['objective']}, re-tuned {card['tuning']['date']}" if card.get("tuning") else "")
         + ")",
-        f"- trained on: {roots}, "
-        f"{len(d.get('train') or [])} train images, "
+        f"- trained on: {roots}, {_trained_images(d)} train images, "
         f"{len(d.get('validation') or [])} validation images carved from the train split",
         f"- training: {t.get('epochs')} epochs, {t.get('seconds')} s on {t.get('hardware')} ({t.get('device')}), "
         f"torch {t.get('torch')}, {t.get('date')}",
