@@ -11,6 +11,7 @@ import torch
 from nucleiflow.models import checkpoint
 from nucleiflow.models.checkpoint import list_checkpoints, load_checkpoint, model_hash, save_checkpoint, storage_roundtrip
 from nucleiflow.models.enhancement import EnhancedStudent, Enhancement, TwoStage
+from nucleiflow.models import golo as golo_module
 from nucleiflow.models.golo import GoLo, from_crops, to_crops
 from nucleiflow.models.outputs import postprocess_method, to_maps
 from nucleiflow.models.registry import MODELS, create_model
@@ -250,6 +251,29 @@ def test_golo_local_scale_resizes_the_local_input():
     model.local_net.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
     model(torch.rand(1, 3, 40, 50))
     assert seen == [torch.Size((6, 4, 63, 63))]  # 2x3 crops of 28 px, * 2.24 = 62.7 -> 63
+
+
+def test_golo_runs_its_crops_in_chunks_in_eval_mode_only(monkeypatch):
+    """In eval mode the local stage runs LOCAL_BATCH crops at a time (memory) with the same
+    maps as all at once; in training mode all crops are one batch (BatchNorm statistics)."""
+    torch.manual_seed(0)
+    model = GoLo(base_channels=4, depth=2, crop=8, context=4, hv=True).eval()
+    x = torch.rand(2, 3, 40, 40)  # 2 x 5 x 5 = 50 crops
+    seen = []
+    model.local_net.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    monkeypatch.setattr(golo_module, "LOCAL_BATCH", 16)
+    with torch.no_grad():
+        chunked = model(x)
+        assert seen == [16, 16, 16, 2]
+        monkeypatch.setattr(golo_module, "LOCAL_BATCH", 64)
+        whole = model(x)
+    assert seen[4:] == [50]
+    for name in ("np", "hv", "coarse"):
+        assert torch.allclose(chunked[name], whole[name], atol=1e-6), name
+    seen.clear()
+    monkeypatch.setattr(golo_module, "LOCAL_BATCH", 16)
+    model.train()(x)
+    assert seen == [50]
 
 
 def test_checkpoint_card_is_validated(tmp_path):
