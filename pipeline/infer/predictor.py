@@ -69,7 +69,6 @@ class Predictor:
             out[k] = arr[:, 0] if k in ("prob", "marker") else arr
         return out
 
-
     def _maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """`to_maps` of the model on (B, 3, H, W). On the CPU one tile at a time: the same
         maps in the same time as the whole batch, with a quarter of the activations held at

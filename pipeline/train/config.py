@@ -102,7 +102,7 @@ class TrainConfig(BaseModel):
         those runs keep their keys and still resume."""
         data = self.model_dump(exclude={"out", "device", "eval_tile_size", "tune_postprocess"})
         for section, name, default in _LATE_DEFAULTS:
-            parts = data[section] if section != "data" else data["data"]
+            parts = data[section]  # "data" is a list of sets; the others one dict (teacher: or None)
             for part in parts if isinstance(parts, list) else [parts]:
                 if part is not None and part.get(name) == default:
                     del part[name]

@@ -61,11 +61,11 @@ class UnlabelledTiles:
     distillation. ``sample(n)`` -> {"image": (n, 3, P, P) float32 in [0, 1]}."""
 
     def __init__(self, arrays: Sequence[np.ndarray], patch: int = 256, rng: np.random.Generator | int = 0,
-                 augment: bool = True):
+                 augment: bool = True, sources: Sequence[str] = ()):
         if not arrays:
             raise ValueError("UnlabelledTiles needs at least one image")
         self.arrays, self.patch, self.augment = list(arrays), patch, augment
-        self.sources: list[str] = []  # where the arrays came from (slides), for logs
+        self.sources = list(sources)  # where the arrays came from (slides), for logs
         self.rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
 
     def sample(self, batch_size: int) -> dict[str, torch.Tensor]:

@@ -49,6 +49,4 @@ def unlabelled_tiles(slides: list[str], mpp: float, patch: int, tiles: int, seed
             sources.append(s)
     if not pool:
         raise ValueError(f"no unlabelled tissue tiles could be cut from {slides}")
-    tiles_ = UnlabelledTiles(pool, patch, rng)
-    tiles_.sources = sources
-    return tiles_
+    return UnlabelledTiles(pool, patch, rng, sources=sources)
