@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from nucleiflow.pipeline.config import PostprocessConfig
 from nucleiflow.pipeline.postprocess.edge_map import BLUR, EDGE_PARAMS, ENERGY_PARAMS, edge_setup
-from nucleiflow.pipeline.postprocess.watershed import hv_watershed
+from nucleiflow.pipeline.postprocess.watershed import hv_watershed_pixels
 
 __all__ = ["DENSE_KEYS", "correlate1d", "dense_maps", "dense_params", "hv_edge", "hv_energy"]
 
@@ -120,7 +120,7 @@ def dense_params(post: PostprocessConfig) -> dict:
     with other values must not be reused (`predictor.ReplayPredictor`)."""
     given = post.params()
     params = {k: v for k, v in given.items() if k in EDGE_PARAMS}
-    defaults = signature(hv_watershed).parameters  # unset = the function's own default
+    defaults = signature(hv_watershed_pixels).parameters  # unset = the function's own default
     params.update({k: float(given.get(k, defaults[k].default)) for k in ENERGY_PARAMS})
     return params
 

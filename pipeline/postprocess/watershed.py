@@ -48,6 +48,7 @@ __all__ = [
     "hv_edge",
     "hv_energy",
     "hv_watershed",
+    "hv_watershed_pixels",
     "marker_watershed",
     "mask_threshold",
     "postprocess",
@@ -94,7 +95,13 @@ def _none(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.zeros(shape, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int32)
 
 
-def hv_watershed(
+def hv_watershed(prob: np.ndarray, hv: np.ndarray | None = None, **params: Any) -> np.ndarray:
+    """int32 (H, W) labels 1..N of `hv_watershed_pixels` (HoVer-Net's post-processing; the
+    same parameters)."""
+    return hv_watershed_pixels(prob, hv, **params)[0]
+
+
+def hv_watershed_pixels(
     prob: np.ndarray,
     hv: np.ndarray | None = None,
     *,
@@ -108,7 +115,7 @@ def hv_watershed(
     opening_radius: int = 2,
     normalise: str = "fixed",
     gradient_range: tuple[float, float] = (-0.8, 0.55),
-) -> np.ndarray:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """HoVer-Net post-processing (Graham et al. 2019, ``process_np_hv``) of one tile.
 
     prob: (H, W) float nucleus probability; hv: (2, H, W) float, channel 0 = horizontal (x)
@@ -128,7 +135,8 @@ def hv_watershed(
     3. markers = mask & (edge < ``marker_threshold``), holes filled, opened with a disk of
        ``opening_radius`` px, seeds < ``min_size`` px dropped.
     4. watershed of ``-blur3x3((1 - edge) * mask)`` from the markers within the mask.
-    Returns int32 (H, W) labels 1..N.
+    Returns (int32 (H, W) labels 1..N, the object pixels' raveled indices ascending, their
+    labels); `hv_watershed` returns the labels alone.
 
     ``normalise="tile"`` is HoVer-Net's tile-wide min-max normalisation of h, v and their
     derivatives. It makes the edge map depend on the rest of the tile, so the same nucleus
@@ -140,27 +148,6 @@ def hv_watershed(
     min-max sees on exact MoNuSeg maps at 0.5 um/px with ksize 11 (min -0.69..-0.87 B,
     max 0.52..0.61 B), so thresholds keep their HoVer-Net meaning.
     """
-    return _hv_watershed(prob, hv, edge=edge, energy=energy, seedable=seedable, prob_threshold=prob_threshold,
-                          marker_threshold=marker_threshold, min_size=min_size, ksize=ksize,
-                          opening_radius=opening_radius, normalise=normalise, gradient_range=gradient_range)[0]
-
-
-def _hv_watershed(
-    prob: np.ndarray,
-    hv: np.ndarray | None = None,
-    *,
-    edge: np.ndarray | None = None,
-    energy: np.ndarray | None = None,
-    seedable: np.ndarray | None = None,
-    prob_threshold: float = DEFAULT_PROB_THRESHOLD,
-    marker_threshold: float = 0.4,
-    min_size: int = 10,
-    ksize: int = 21,
-    opening_radius: int = 2,
-    normalise: str = "fixed",
-    gradient_range: tuple[float, float] = (-0.8, 0.55),
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`hv_watershed`, with its object pixels (raveled indices ascending) and their labels."""
     prob = np.asarray(prob)
     if (energy is None) != (seedable is None):
         raise ValueError("energy and seedable come together")
@@ -318,7 +305,7 @@ def _squeeze_channel(a: np.ndarray) -> np.ndarray:
 
 
 _PIXEL_METHODS: dict[str, Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]] = {
-    "hv": lambda maps, **kw: _hv_watershed(
+    "hv": lambda maps, **kw: hv_watershed_pixels(
         _squeeze_channel(_tile_map(maps, "prob", "hv")),
         None if "edge" in maps or "energy" in maps else _tile_map(maps, "hv", "hv"),
         **{k: _squeeze_channel(np.asarray(maps[k])) for k in ("edge", "energy", "seedable") if k in maps},

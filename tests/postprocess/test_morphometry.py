@@ -9,6 +9,7 @@ from skimage import draw, measure
 from nucleiflow.pipeline.postprocess import labels as L
 from nucleiflow.pipeline.postprocess import morphometry as P
 from nucleiflow.pipeline.postprocess.outlines import padded_ranks
+from nucleiflow.pipeline.postprocess.polygons import ring_polygons, scaled_polygons
 from nucleiflow.pipeline.tiles import ownership as O
 from nucleiflow.pipeline.tiles.plan import Box
 
@@ -221,10 +222,10 @@ def test_scaled_is_shapelys_transform():
     polys = np.array([shapely.box(0, 0, 1, 2), shapely.Polygon(),
                       shapely.Polygon([(0, 0), (4, 0), (4, 4), (0, 4)], [[(1, 1), (2, 1), (2, 2), (1, 1)]])],
                      dtype=object)
-    got = P._scaled(polys, 2.5)
+    got = scaled_polygons(polys, 2.5)
     assert got.dtype == object and all(shapely.equals_exact(got, shapely.transform(polys, lambda xy: xy * 2.5), 0))
     assert got[1].is_empty and len(got[2].interiors) == 1
-    assert len(P._scaled(np.empty(0, object), 2.0)) == 0
+    assert len(scaled_polygons(np.empty(0, object), 2.0)) == 0
 
 
 def test_nuclei_table_with_the_callers_pixels_and_moments_is_the_same():
@@ -271,7 +272,7 @@ def test_single_ring_outlines_are_valid_polygons():
         if trial % 4:
             prob = rng.random((h, w)) if trial % 2 else rng.choice([0.0, 0.39, 0.4, 0.41, 1.0], (h, w))
             xy = follow_probability(xy, kept[np.repeat(owner, np.diff(start))], lab, prob, 0.4)
-        polys = P._polygons(xy + rng.integers(0, 3000, 2), start, owner, len(kept))
+        polys = ring_polygons(xy + rng.integers(0, 3000, 2), start, owner, len(kept))
         single = np.bincount(owner, minlength=len(kept)) == 1
         assert shapely.is_valid(polys[single]).all()
         checked += single.sum()
