@@ -45,11 +45,13 @@ def mask_threshold(post: Any) -> float:
 __all__ = [
     "METHODS",
     "distance_watershed",
+    "distance_watershed_pixels",
     "hv_edge",
     "hv_energy",
     "hv_watershed",
     "hv_watershed_pixels",
     "marker_watershed",
+    "marker_watershed_pixels",
     "mask_threshold",
     "postprocess",
     "postprocess_pixels",
@@ -204,27 +206,12 @@ def _dense_near(prob: np.ndarray, hv: np.ndarray, mask: np.ndarray, setup: dict,
     return energy, seedable
 
 
-def marker_watershed(
-    prob: np.ndarray,
-    marker: np.ndarray,
-    *,
-    prob_threshold: float = DEFAULT_PROB_THRESHOLD,
-    marker_threshold: float = 0.5,
-    min_size: int = 10,
-) -> np.ndarray:
-    """Watershed from USE-Net shape markers (eroded nuclei) within the nucleus mask.
-
-    prob: (H, W) float nucleus probability; marker: (H, W) float shape-marker probability.
-    mask = prob >= prob_threshold without blobs < ``min_size`` px; seeds = connected
-    components of marker >= marker_threshold inside the mask; flooding runs on the negated
-    Euclidean distance to the background. Mask components without a seed keep their own
-    label. Returns int32 (H, W) labels 1..N.
-    """
-    return _marker_watershed(prob, marker, prob_threshold=prob_threshold, marker_threshold=marker_threshold,
-                             min_size=min_size)[0]
+def marker_watershed(prob: np.ndarray, marker: np.ndarray, **params: Any) -> np.ndarray:
+    """int32 (H, W) labels 1..N of `marker_watershed_pixels` (the same parameters)."""
+    return marker_watershed_pixels(prob, marker, **params)[0]
 
 
-def _marker_watershed(
+def marker_watershed_pixels(
     prob: np.ndarray,
     marker: np.ndarray,
     *,
@@ -232,7 +219,15 @@ def _marker_watershed(
     marker_threshold: float = 0.5,
     min_size: int = 10,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`marker_watershed`, with its object pixels (raveled indices ascending) and their labels."""
+    """Watershed from USE-Net shape markers (eroded nuclei) within the nucleus mask.
+
+    prob: (H, W) float nucleus probability; marker: (H, W) float shape-marker probability.
+    mask = prob >= prob_threshold without blobs < ``min_size`` px; seeds = connected
+    components of marker >= marker_threshold inside the mask; flooding runs on the negated
+    Euclidean distance to the background. Mask components without a seed keep their own
+    label. Returns (int32 (H, W) labels 1..N, the object pixels' raveled indices ascending,
+    their labels); `marker_watershed` returns the labels.
+    """
     prob, marker = np.asarray(prob), np.asarray(marker)
     if marker.shape != prob.shape:
         raise ValueError(f"marker must have prob's shape {prob.shape}, got {marker.shape}")
@@ -244,31 +239,12 @@ def _marker_watershed(
     return _seeded_watershed(energy, seeds, mask, components, fg)
 
 
-def distance_watershed(
-    prob: np.ndarray,
-    *,
-    prob_threshold: float = DEFAULT_PROB_THRESHOLD,
-    min_distance: int = 3,
-    min_size: int = 10,
-    smooth_sigma: float = 2.0,
-) -> np.ndarray:
-    """Split touching nuclei of a mask alone at the necks of its distance transform.
-
-    prob: (H, W) float nucleus probability. mask = prob >= prob_threshold without blobs <
-    ``min_size`` px; dist = Euclidean distance to the background, Gaussian-smoothed with
-    ``smooth_sigma`` px; seeds = its local maxima (one per blob at least, any two at least
-    ``min_distance`` px apart); watershed of ``-dist`` from the seeds within the mask.
-    Returns int32 (H, W) labels 1..N.
-
-    The smoothing matters: the raw distance transform of a digital shape has plateaus and
-    ridges with many local maxima. On MoNuSeg ground-truth masks (0.25 um/px) it lifts AJI
-    from ~0.6-0.7 (sigma 0) to ~0.85-0.9 (sigma 2).
-    """
-    return _distance_watershed(prob, prob_threshold=prob_threshold, min_distance=min_distance, min_size=min_size,
-                               smooth_sigma=smooth_sigma)[0]
+def distance_watershed(prob: np.ndarray, **params: Any) -> np.ndarray:
+    """int32 (H, W) labels 1..N of `distance_watershed_pixels` (the same parameters)."""
+    return distance_watershed_pixels(prob, **params)[0]
 
 
-def _distance_watershed(
+def distance_watershed_pixels(
     prob: np.ndarray,
     *,
     prob_threshold: float = DEFAULT_PROB_THRESHOLD,
@@ -276,7 +252,19 @@ def _distance_watershed(
     min_size: int = 10,
     smooth_sigma: float = 2.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`distance_watershed`, with its object pixels (raveled indices ascending) and their labels."""
+    """Split touching nuclei of a mask alone at the necks of its distance transform.
+
+    prob: (H, W) float nucleus probability. mask = prob >= prob_threshold without blobs <
+    ``min_size`` px; dist = Euclidean distance to the background, Gaussian-smoothed with
+    ``smooth_sigma`` px; seeds = its local maxima (one per blob at least, any two at least
+    ``min_distance`` px apart); watershed of ``-dist`` from the seeds within the mask.
+    Returns (int32 (H, W) labels 1..N, the object pixels' raveled indices ascending, their
+    labels); `distance_watershed` returns the labels.
+
+    The smoothing matters: the raw distance transform of a digital shape has plateaus and
+    ridges with many local maxima. On MoNuSeg ground-truth masks (0.25 um/px) it lifts AJI
+    from ~0.6-0.7 (sigma 0) to ~0.85-0.9 (sigma 2).
+    """
     prob = np.asarray(prob)
     mask, components, fg = _foreground(prob, prob_threshold, min_size)
     if not mask.any():
@@ -311,12 +299,12 @@ _PIXEL_METHODS: dict[str, Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray
         **{k: _squeeze_channel(np.asarray(maps[k])) for k in ("edge", "energy", "seedable") if k in maps},
         **kw,
     ),
-    "marker": lambda maps, **kw: _marker_watershed(
+    "marker": lambda maps, **kw: marker_watershed_pixels(
         _squeeze_channel(_tile_map(maps, "prob", "marker")),
         _squeeze_channel(_tile_map(maps, "marker", "marker")),
         **kw,
     ),
-    "distance": lambda maps, **kw: _distance_watershed(
+    "distance": lambda maps, **kw: distance_watershed_pixels(
         _squeeze_channel(_tile_map(maps, "prob", "distance")), **kw
     ),
 }
